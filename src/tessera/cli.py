@@ -1,0 +1,181 @@
+"""Command line: ``tessera ask``, ``tessera doctor``, ``tessera models list``; one sub-app per area.
+
+Every error a user can cause prints one line (``error: ...`` saying what to do)
+and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+
+from tessera import __version__, ui  # noqa: E402
+from tessera.errors import TesseraError  # noqa: E402
+
+app = typer.Typer(
+    name="tessera",
+    help="Retrieval, attribution, knowledge learning and sparse LMs: nine research systems on real models, CPU-first.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+models_app = typer.Typer(help="Embedded default models and model specs.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _version(value: bool):
+    if value:
+        print(f"tessera {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status messages."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    ui.set_quiet(quiet)
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question to answer."),
+    corpus: str = typer.Option("python-docs", "--corpus", "-c", help="'python-docs' (Python's documentation topics) or a file/folder of .txt/.md/.rst/.jsonl documents."),
+    lm: str = typer.Option("default", "--lm", help="Language model: 'default' (embedded SmolLM2-135M-Instruct), a local folder or a cached hub id."),
+    k: int = typer.Option(3, "--k", "-k", help="Number of passages to retrieve."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, sources, timings) instead of streaming text."),
+):
+    """Answer a question from a document collection, with numbered sources."""
+    from tessera.ask import ask as run_ask
+
+    streamed = []
+
+    def on_token(piece: str) -> None:
+        if not streamed:
+            ui.out.print("[bold]Answer[/bold]")
+        streamed.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = run_ask(question, corpus=corpus, lm=lm, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                     on_token=None if as_json else on_token)
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return
+    sys.stdout.write("\n\n")
+    _print_sources(result)
+    s = result.stats
+    ui.info(f"[dim]{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, first token after {s.time_to_first_token_s:.2f} s; "
+            f"retrieval {result.timings['retrieve_s'] * 1000:.1f} ms[/dim]")
+
+
+def _print_sources(result) -> None:
+    from rich.table import Table
+
+    table = Table(title="Sources", title_justify="left", show_lines=False, expand=False)
+    table.add_column("#", justify="right")
+    table.add_column("doc id")
+    table.add_column("title")
+    table.add_column("snippet", overflow="fold")
+    for s in result.sources:
+        table.add_row(str(s.number), s.doc_id, s.title, s.snippet)
+    if not result.sources:
+        ui.out.print("Sources: none retrieved (no passage matched the question's terms).")
+    else:
+        ui.out.print(table)
+
+
+@app.command()
+def doctor():
+    """Versions, device, embedded models, cache folder and shared data: what works here."""
+    import importlib.metadata as md
+    import platform
+
+    from rich.table import Table
+
+    from tessera import hub
+    from tessera.data.paths import shared_data_dir
+
+    table = Table(show_header=False, box=None)
+    table.add_row("tessera", __version__)
+    table.add_row("python", platform.python_version())
+    for pkg in ("torch", "transformers", "sentence-transformers", "bm25s", "faiss-cpu", "pytrec-eval-terrier"):
+        try:
+            table.add_row(pkg, md.version(pkg))
+        except md.PackageNotFoundError:
+            table.add_row(pkg, "[red]not installed[/red]")
+    import torch
+
+    dev = hub.default_device()
+    table.add_row("device", f"{dev} ({torch.cuda.get_device_name(0)})" if dev.type == "cuda" else f"{dev} ({torch.get_num_threads()} threads)")
+    table.add_row("cache ($TESSERA_HOME)", str(hub.tessera_home()))
+    data = shared_data_dir()
+    table.add_row("shared data", str(data) if data else "[yellow]not found (tests and benchmarks that need it skip)[/yellow]")
+    for spec, loader in (("default", _check_lm), ("default-encoder", _check_encoder)):
+        try:
+            with ui.status(f"loading {spec}"):
+                table.add_row(f"model {spec}", f"[green]ok[/green] {loader(spec)}")
+        except TesseraError as e:
+            table.add_row(f"model {spec}", f"[red]{e}[/red]")
+    ui.out.print(table)
+
+
+def _check_lm(spec: str) -> str:
+    import torch
+
+    from tessera import hub
+
+    loaded = hub.load_lm(spec)
+    with torch.inference_mode():
+        loaded.model(torch.tensor([[1, 2, 3]], device=loaded.model.device))
+    n = sum(p.numel() for p in loaded.model.parameters())
+    return f"{type(loaded.model).__name__}, {n / 1e6:.0f}M params, {loaded.path}"
+
+
+def _check_encoder(spec: str) -> str:
+    from tessera import hub
+
+    enc = hub.load_encoder(spec)
+    dim = enc.encode(["hello"]).shape[1]
+    return f"{dim}-d embeddings, {hub.resolve_encoder(spec)}"
+
+
+@models_app.command("list")
+def models_list():
+    """The embedded default models and whether they are ready."""
+    from rich.table import Table
+
+    from tessera import hub
+
+    table = Table()
+    for col in ("spec", "role", "model", "status", "source"):
+        table.add_column(col, overflow="fold")
+    for row in hub.list_models():
+        table.add_row(row["spec"], row["role"], row["model"], row["status"], row["source"])
+    ui.out.print(table)
+    ui.out.print("Any local model folder or cached hub id works wherever a spec is asked for.")
+
+
+def main() -> None:
+    try:
+        app()
+    except TesseraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the command again (unfinished caches are discarded and rebuilt)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

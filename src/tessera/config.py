@@ -1,0 +1,85 @@
+"""Dataclass configs: a YAML file plus ``key=value`` overrides (OmegaConf), and dump dirs.
+
+Every recipe has a config dataclass with ``seed`` and ``dump_dir``;
+``tessera run RECIPE [config.yaml] key=value ...`` builds it with
+:func:`load_config`, and the recipe writes ``config.yaml``, ``metrics.jsonl`` and
+``results.json`` into its dump dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tessera.errors import InputError
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults of ``cls`` <- YAML file <- dot-list overrides, type-checked, as a ``cls`` instance."""
+    schema = OmegaConf.structured(cls)
+    layers = [schema]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"config file {p} not found; pass an existing YAML file or only key=value overrides")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as e:
+            raise InputError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override '{item}' is not key=value; write e.g. seed=1")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        fields = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise InputError(f"bad config value ({msg}); known keys: {fields}") from None
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DumpDir:
+    """A run's output folder: ``config.yaml``, ``metrics.jsonl`` (appended), ``results.json``."""
+
+    def __init__(self, path: str | Path, cfg: Any = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if cfg is not None:
+            atomic_write_text(self.path / "config.yaml", to_yaml(cfg))
+
+    def log(self, **metrics: Any) -> None:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def write_results(self, results: dict) -> Path:
+        out = self.path / "results.json"
+        atomic_write_text(out, json.dumps(results, indent=2))
+        return out

@@ -1,0 +1,5 @@
+"""Generation backends: local transformers models (``LocalLM``)."""
+
+from tessera.lm.local import GenerationStats, LocalLM
+
+__all__ = ["GenerationStats", "LocalLM"]

@@ -1,0 +1,53 @@
+"""Console, progress bars and the global ``--quiet`` switch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+_quiet = bool(os.environ.get("TESSERA_QUIET"))
+
+
+def set_quiet(value: bool) -> None:
+    global _quiet
+    _quiet = bool(value)
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def progress(transient: bool = True) -> Progress:
+    """A rich progress bar on stderr; disabled under ``--quiet`` or when stderr is not a terminal."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=_quiet or not sys.stderr.isatty(),
+    )
+
+
+@contextlib.contextmanager
+def status(message: str):
+    """A spinner for work without a known length (e.g. loading a model)."""
+    if _quiet or not sys.stderr.isatty():
+        yield
+        return
+    with console.status(message):
+        yield
+
+
+def info(message: str) -> None:
+    if not _quiet:
+        console.print(message)

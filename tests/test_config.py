@@ -1,0 +1,45 @@
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from tessera.config import DumpDir, load_config
+from tessera.errors import InputError
+
+
+@dataclass
+class Cfg:
+    seed: int = 0
+    dump_dir: str = "dumps/x"
+    lr: float = 1e-3
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.5\nseed: 3\n")
+    cfg = load_config(Cfg, y, ["seed=7", "layers=[4,5]"])
+    assert isinstance(cfg, Cfg)
+    assert (cfg.seed, cfg.lr, cfg.layers) == (7, 0.5, [4, 5])
+
+
+@pytest.mark.parametrize("overrides,match", [(["seed=abc"], "bad config value"), (["nosuch=1"], "known keys"), (["seed"], "key=value")])
+def test_bad_overrides(overrides, match):
+    with pytest.raises(InputError, match=match):
+        load_config(Cfg, None, overrides)
+
+
+def test_missing_yaml(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_config(Cfg, tmp_path / "nope.yaml")
+
+
+def test_dump_dir_files(tmp_path):
+    d = DumpDir(tmp_path / "run", Cfg(seed=2))
+    d.log(step=1, loss=2.0)
+    d.log(step=2, loss=1.5)
+    d.write_results({"ok": True})
+    assert "seed: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == {"ok": True}
