@@ -150,6 +150,20 @@ def _check_encoder(spec: str) -> str:
     return f"{dim}-d embeddings, {hub.resolve_encoder(spec)}"
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe name; an unknown name lists the known ones."),
+):
+    """Run a recipe: ``tessera run RECIPE [config.yaml] key=value ...``; writes a dump dir."""
+    from tessera.recipes import run_recipe
+
+    args = list(ctx.args)
+    config_path = args.pop(0) if args and "=" not in args[0] and args[0].endswith((".yaml", ".yml")) else None
+    dump = run_recipe(recipe, config_path, args)
+    ui.out.print(f"done: {dump}")
+
+
 @models_app.command("list")
 def models_list():
     """The embedded default models and whether they are ready."""

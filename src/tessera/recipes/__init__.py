@@ -1,0 +1,30 @@
+"""Runnable jobs: each recipe module has a config dataclass ``Config`` (with ``seed``
+and ``dump_dir``) and ``main(cfg) -> Path`` (the dump dir).
+
+``tessera run NAME [config.yaml] key=value ...`` looks the module up here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tessera.errors import InputError
+
+# recipe name -> module under tessera.recipes
+RECIPES: dict[str, str] = {}
+
+
+def get_recipe(name: str):
+    """The recipe module for ``name``; an unknown name lists the known ones."""
+    if name not in RECIPES:
+        known = ", ".join(sorted(RECIPES)) or "none yet"
+        raise InputError(f"unknown recipe '{name}'; known recipes: {known}")
+    return importlib.import_module(f"tessera.recipes.{RECIPES[name]}")
+
+
+def run_recipe(name: str, config_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    from tessera.config import load_config
+
+    module = get_recipe(name)
+    cfg = load_config(module.Config, config_path, list(overrides))
+    return module.main(cfg)
