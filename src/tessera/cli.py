@@ -172,7 +172,9 @@ def models_list():
     from tessera import hub
 
     table = Table()
-    for col in ("spec", "role", "model", "status", "source"):
+    for col in ("spec", "role", "model"):
+        table.add_column(col, no_wrap=True)
+    for col in ("status", "source"):
         table.add_column(col, overflow="fold")
     for row in hub.list_models():
         table.add_row(row["spec"], row["role"], row["model"], row["status"], row["source"])
