@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from tessera_testing import run_cli
 from tessera.ask import Source, ask, build_messages, fit_sources
 from tessera.errors import ContextTooLongError, EmptyCorpusError, InputError
 from tessera.retrieval.corpus_index import CorpusIndex
@@ -104,3 +104,21 @@ def test_ask_embedded_model_answers_python_question(embedded_lm):
     assert len(result.answer.split()) >= 5
     assert result.stats.new_tokens > 0 and result.timings["retrieve_s"] < 1.0
     assert result.corpus == "python-docs"
+
+
+def test_ask_nest_decoding_and_citations_with_tiny_model(small_corpus, tiny_lm):
+    r = ask("At what temperature is green tea steeped?", corpus=str(small_corpus), lm=tiny_lm, k=2,
+            max_new_tokens=8, decode="nest", cite=True)
+    assert r.decode == "nest" and r.nest is not None
+    assert r.answer == r.nest.text.strip()
+    assert r.stats.new_tokens == r.nest.stats.new_tokens > 0
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["nest"]["stats"]["new_tokens"] == r.stats.new_tokens
+    source_docs = {s.doc_id for s in r.sources}
+    for st in d["statements"]:
+        assert all(c["doc_id"] in source_docs for c in st["cited"])
+
+
+def test_ask_rejects_unknown_decode(tiny_lm):
+    with pytest.raises(InputError, match="--decode"):
+        ask("q?", lm=tiny_lm, decode="beam")

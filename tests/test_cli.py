@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_cli
+from tessera_testing import run_cli
 
 
 def assert_one_line_error(r, *needles):

@@ -2,8 +2,13 @@
 
 ``ask(question)`` retrieves passages from a corpus (default: Python's own
 documentation topics), puts them in the prompt as numbered sources ``[1]..[k]``
-and lets the LM answer from them, streaming tokens.  Later methods plug in here:
-dense/hybrid retrieval, SelfCite citations and NEST decoding.
+and lets the LM answer from them, streaming tokens.  ``retriever`` picks BM25
+(default), dense retrieval with ``encoder`` (default: the embedded
+all-MiniLM-L6-v2) or their reciprocal-rank fusion ("hybrid").  ``decode="nest"``
+generates with NEST over the retrieved passages (copied spans attributed to their
+documents); ``cite=True`` adds SelfCite sentence-level citations to each statement
+of the answer (``best_of=N`` reranks N sampled citations with the context-ablation
+reward).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from tessera.errors import ContextTooLongError, InputError
 from tessera.lm.local import GenerationStats, LocalLM
-from tessera.retrieval.corpus_index import PYTHON_DOCS, CorpusIndex, Hit
+from tessera.retrieval.corpus_index import PYTHON_DOCS, RETRIEVERS, CorpusIndex, Hit
 
 SYSTEM_PROMPT = (
     "You answer questions using only the numbered sources given. "
@@ -49,9 +54,21 @@ class AskResult:
     corpus: str
     stats: GenerationStats = field(default_factory=GenerationStats)
     timings: dict = field(default_factory=dict)
+    retriever: str = "bm25"
+    decode: str = "greedy"
+    # SelfCite statements (Statement objects) when cite=True; NEST result when decode="nest"
+    statements: list = field(default_factory=list)
+    nest: object = None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        statements, nest = self.statements, self.nest
+        self.statements, self.nest = [], None
+        try:
+            d = asdict(self)
+        finally:
+            self.statements, self.nest = statements, nest
+        d["statements"] = [st.to_dict() for st in statements]
+        d["nest"] = nest.to_dict() if nest is not None else None
         d["stats"]["tokens_per_s"] = self.stats.tokens_per_s
         for s, src in zip(d["sources"], self.sources):
             s["snippet"] = src.snippet
@@ -109,15 +126,33 @@ def ask(
     temperature: float = 0.0,
     seed: int = 0,
     on_token: Callable[[str], None] | None = None,
+    retriever: str = "bm25",
+    encoder: str = "default-encoder",
+    decode: str = "greedy",
+    cite: bool = False,
+    best_of: int = 0,
 ) -> AskResult:
-    """Retrieve ``k`` passages, prompt the LM with them as numbered sources, stream the answer."""
+    """Retrieve ``k`` passages, prompt the LM with them as numbered sources, stream the answer.
+
+    ``retriever``: ``"bm25"``, ``"dense"`` (``encoder``, a sentence-transformers spec)
+    or ``"hybrid"`` (reciprocal-rank fusion of both, Cormack et al. 2009).
+    """
     if not question or not question.strip():
         raise InputError("the question is empty; pass a question, e.g. tessera ask \"How do I open a file?\"")
     if k < 0:
         raise InputError(f"--k must be 0 or more, got {k}")
+    if decode not in ("greedy", "nest"):
+        raise InputError(f"unknown --decode {decode!r}; use greedy or nest")
+    if decode == "nest" and temperature > 0:
+        raise InputError("--decode nest is deterministic; leave --temperature at 0")
+    if retriever not in RETRIEVERS:
+        raise InputError(f"unknown retriever {retriever!r}; use one of {', '.join(RETRIEVERS)}")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     index = corpus if isinstance(corpus, CorpusIndex) else CorpusIndex.open(corpus)
+    if retriever != "bm25" and k:
+        index.dense(encoder)  # load or build (and cache) the dense index and its encoder up front,
+        index.encoder(encoder)  # so that retrieve_s is search time only
     timings["index_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -125,7 +160,7 @@ def ask(
     timings["load_model_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    hits: list[Hit] = index.search(question, k) if k else []
+    hits: list[Hit] = index.search(question, k, retriever=retriever, encoder=encoder) if k else []
     timings["retrieve_s"] = time.perf_counter() - t
     sources = [Source(h.rank, h.passage.doc_id, h.passage.title, h.passage.id, h.score, h.passage.text, h.passage.start, h.passage.end) for h in hits]
 
@@ -133,12 +168,32 @@ def ask(
     sources, input_ids = fit_sources(model, question, sources, budget)
 
     stats = GenerationStats()
-    pieces = []
-    for piece in model.stream(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stats=stats):
-        pieces.append(piece)
-        if on_token:
-            on_token(piece)
+    nest_result = None
+    if decode == "nest":
+        from tessera.attribution.nest import nest_answer
+
+        if not sources:
+            raise InputError("--decode nest needs retrieved passages; use --k 1 or more with a corpus that matches the question")
+        nest_result = nest_answer(model, index, question, input_ids, passages=sources, max_new_tokens=max_new_tokens, on_token=on_token)
+        answer = nest_result.text
+        ns = nest_result.stats
+        stats = GenerationStats(prompt_tokens=ns.prompt_tokens, new_tokens=ns.new_tokens, time_to_first_token_s=ns.prefill_s,
+                                total_s=ns.generate_s, stop_reason=ns.stop_reason)
+    else:
+        pieces = []
+        for piece in model.stream(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stats=stats):
+            pieces.append(piece)
+            if on_token:
+                on_token(piece)
+        answer = "".join(pieces)
     timings["generate_s"] = stats.total_s
     timings["time_to_first_token_s"] = stats.time_to_first_token_s
-    return AskResult(question=question, answer="".join(pieces).strip(), sources=sources, model=model.name,
-                     corpus=index.name, stats=stats, timings=timings)
+    statements = []
+    if cite and sources and answer.strip():
+        from tessera.attribution.selfcite import cite_answer
+
+        t = time.perf_counter()
+        statements = cite_answer(model, question, sources, best_of=best_of, answer=answer.strip(), seed=seed)
+        timings["cite_s"] = time.perf_counter() - t
+    return AskResult(question=question, answer=answer.strip(), sources=sources, model=model.name, corpus=index.name,
+                     stats=stats, timings=timings, retriever=retriever, decode=decode, statements=statements, nest=nest_result)

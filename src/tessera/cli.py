@@ -29,6 +29,13 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Embedded default models and model specs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+from tessera.attribution.cli import cite_command  # noqa: E402
+from tessera.attribution.nest_cli import nest_app  # noqa: E402
+from tessera.retrieval.cli import retrieval_app  # noqa: E402
+
+app.add_typer(retrieval_app, name="retrieval")
+app.add_typer(nest_app, name="nest")
+app.command("cite")(cite_command)
 
 
 def _version(value: bool):
@@ -51,7 +58,12 @@ def ask(
     corpus: str = typer.Option("python-docs", "--corpus", "-c", help="'python-docs' (Python's documentation topics) or a file/folder of .txt/.md/.rst/.jsonl documents."),
     lm: str = typer.Option("default", "--lm", help="Language model: 'default' (embedded SmolLM2-135M-Instruct), a local folder or a cached hub id."),
     k: int = typer.Option(3, "--k", "-k", help="Number of passages to retrieve."),
+    retriever: str = typer.Option("bm25", "--retriever", "-r", help="bm25 | dense | hybrid (reciprocal-rank fusion of both)."),
+    encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid: 'default-encoder' (embedded all-MiniLM-L6-v2), a folder or a cached hub id."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
+    decode: str = typer.Option("greedy", "--decode", help="greedy (the LM alone) | nest (NEST: copy attributed spans from the sources)."),
+    cite: bool = typer.Option(False, "--cite", help="SelfCite: cite the source sentences that support each statement of the answer."),
+    best_of: int = typer.Option(0, "--best-of", help="With --cite: rerank N sampled citations per statement by the SelfCite reward (0 = constrained greedy)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, sources, timings) instead of streaming text."),
 ):
@@ -68,11 +80,21 @@ def ask(
         sys.stdout.flush()
 
     result = run_ask(question, corpus=corpus, lm=lm, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                     on_token=None if as_json else on_token)
+                     on_token=None if as_json else on_token, retriever=retriever, encoder=encoder,
+                     decode=decode, cite=cite, best_of=best_of)
     if as_json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
         return
     sys.stdout.write("\n\n")
+    if result.nest is not None:
+        ui.out.print(f"[bold]Attributed[/bold] ({result.nest.attribution_ratio:.0%} of tokens copied from the sources)")
+        ui.out.print(result.nest.render(), markup=False)
+        sys.stdout.write("\n")
+    if result.statements:
+        from tessera.attribution.cli import print_statements
+
+        print_statements(result.statements)
+        sys.stdout.write("\n")
     _print_sources(result)
     s = result.stats
     ui.info(f"[dim]{s.new_tokens} tokens, {s.tokens_per_s:.1f} tokens/s, first token after {s.time_to_first_token_s:.2f} s; "
