@@ -79,7 +79,8 @@ def main() -> None:
     results: dict = {
         "benchmark": "ask",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()[0]},
         "versions": {"tessera": __version__, "torch": torch.__version__},
         "config": {"question": QUESTION, "corpus": "python-docs", "lm": "default (SmolLM2-135M-Instruct, fp32)",
                    "k": 3, "max_new_tokens_cli": 128, "new_tokens_generation": args.new_tokens, "repeats": args.repeats},
