@@ -141,6 +141,7 @@ class CorpusIndex:
         """Write under a temporary name, mark complete, then rename into place."""
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        tmp.chmod(0o755)  # mkdtemp creates 0700
         try:
             with open(tmp / "passages.jsonl", "w", encoding="utf-8") as f:
                 for p in self.passages:
