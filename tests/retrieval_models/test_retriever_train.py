@@ -16,6 +16,7 @@ from retrieval_synthetic import ndcg_at_10
 from tessera.data.types import Collection, Document, Query
 from tessera.errors import DataFormatError, InputError
 from tessera.retrieval import train as T
+from tessera.retrieval.bm25 import BM25Index
 from tessera.retrieval.encoder import build_retriever
 
 HERE = Path(__file__).parent
@@ -55,8 +56,7 @@ def test_bm25_negatives_skip_positives_and_top_ranks():
     pos = {t for _, t in rows[0]["pos"]}
     assert len(negs) == 2 and not set(negs) & pos
     # BM25 prefers documents with more "apple": the negatives come from rank >= 5, not the top
-    ranked = [docs[i].full_text for i, _ in __import__("tessera.retrieval.bm25", fromlist=["x"]).BM25Index.build(
-        [d.full_text for d in docs]).search("apple banana", 20)]
+    ranked = [docs[i].full_text for i, _ in BM25Index.build([d.full_text for d in docs]).search("apple banana", 20)]
     assert all(ranked.index(n) + 1 >= 5 for n in negs)
     rows, stats = T.mine_bm25_negatives(coll, n_negatives=1, min_rank=50)  # too deep: falls back
     assert stats["fallback_low_rank"] + stats["fallback_random"] == 1
