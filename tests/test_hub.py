@@ -86,3 +86,18 @@ def test_list_models_reports_both_defaults():
     rows = {r["spec"]: r for r in hub.list_models()}
     assert set(rows) == {"default", "default-encoder"}
     assert rows["default-encoder"]["status"] == "ready"
+
+
+def test_new_tiny_llama_is_seeded_and_shaped(embedded_lm_dir):
+    import torch
+
+    from tessera.hub import new_tiny_llama
+
+    a, tok = new_tiny_llama(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=3)
+    b, _ = new_tiny_llama(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=3)
+    assert a.config.vocab_size == len(tok) and a.config.num_hidden_layers == 2
+    assert a.config.intermediate_size == 128
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    out = a(torch.tensor([[tok.bos_token_id, 5, 6]])).logits
+    assert out.shape == (1, 3, len(tok))
