@@ -98,48 +98,25 @@ def is_current(entry: dict, cname: str) -> bool:
     return got is not None and got.get("eval_version", 1) == EVAL_VERSION[cname]["eval_version"]
 
 
-def lowercase_queries(collection):
-    """Vaswani's topics are upper case while its documents are lower case; BM25 folds case but a
-    cased subword model (SmolLM2's BPE) would see different tokens, so queries are lower-cased."""
-    from dataclasses import replace
-
-    from tessera.data.types import Collection
-
-    queries = [replace(q, text=q.text.lower()) for q in collection.queries]
-    return Collection(docs=collection.docs, queries=queries, qrels=collection.qrels, name=collection.name, n_skipped=collection.n_skipped)
-
-
-def evaluate_run(run: dict, qrels: dict) -> dict:
-    import pytrec_eval
-
-    per_q = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
-    return {"ndcg@10": float(np.mean([r["ndcg_cut_10"] for r in per_q.values()])),
-            "recall@100": float(np.mean([r["recall_100"] for r in per_q.values()])), "queries": len(per_q)}
-
-
 def bm25_eval(collection) -> dict:
-    from tessera.retrieval.bm25 import BM25Index
+    from tessera.retrieval.metrics import evaluate
+    from tessera.retrieval.search import bm25_run
 
-    idx = BM25Index.build([d.full_text for d in collection.docs])
-    hits = idx.search_many([q.text for q in collection.queries], k=100)
-    run = {q.id: {collection.docs[i].id: s for i, s in h} or {"_none_": 0.0} for q, h in zip(collection.queries, hits)}
-    return evaluate_run(run, collection.qrels)
+    m = evaluate(bm25_run(collection, k=100), collection.qrels)
+    return {"ndcg@10": m["ndcg@10"], "recall@100": m["recall@100"], "queries": m["n_queries"]}
 
 
 def dense_eval(model, collection, batch_size: int) -> dict:
+    """tessera's own path: length-sorted ``encode_corpus`` into an exact faiss index, pytrec_eval."""
+    from tessera.retrieval.metrics import evaluate
+    from tessera.retrieval.search import dense_index, dense_run
+
     t0 = time.perf_counter()
-    d = model.encode_document([x.full_text for x in collection.docs], batch_size=batch_size, normalize_embeddings=True,
-                              convert_to_numpy=True)
+    index = dense_index(model, collection, batch_size=batch_size, kind="flat")
     enc_s = time.perf_counter() - t0
-    q = model.encode_query([x.text for x in collection.queries], batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True)
-    scores = q @ d.T
-    run = {}
-    for qi, query in enumerate(collection.queries):
-        top = np.argpartition(-scores[qi], 100)[:100] if scores.shape[1] > 100 else np.arange(scores.shape[1])
-        run[query.id] = {collection.docs[j].id: float(scores[qi, j]) for j in top}
-    return {**evaluate_run(run, collection.qrels), "docs": len(collection.docs), "doc_encode_s": round(enc_s, 1),
-            "docs_per_s_during_eval": round(len(collection.docs) / enc_s, 2)}
+    m = evaluate(dense_run(model, collection, k=100, batch_size=batch_size, index=index), collection.qrels)
+    return {"ndcg@10": m["ndcg@10"], "recall@100": m["recall@100"], "queries": m["n_queries"], "docs": len(collection.docs),
+            "doc_encode_s": round(enc_s, 1), "docs_per_s_during_eval": round(len(collection.docs) / enc_s, 2)}
 
 
 def throughput(models: dict, texts: list[str], batch_size: int, rounds: int) -> dict:
@@ -181,16 +158,26 @@ def main() -> None:
     ap.add_argument("--min-neg-rank", type=int, default=20, help="BM25 rank from which hard negatives are taken (ReasonIR: 20)")
     ap.add_argument("--depth-share", type=float, default=0.5)
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--cpt-steps", type=int, default=0, help="continued pretraining steps after pruning (0 = off)")
+    ap.add_argument("--cpt-distill", default="hidden", choices=["hidden", "logits", "none"],
+                    help="distillation from the unpruned model during continued pretraining")
+    ap.add_argument("--cpt-text", default="wikitext2", help="text for continued pretraining (see retrieval-prune's calibration)")
+    ap.add_argument("--cpt-batch-size", type=int, default=8)
+    ap.add_argument("--cpt-seq-len", type=int, default=128)
+    ap.add_argument("--cpt-lr", type=float, default=2e-4)
     ap.add_argument("--throughput-docs", type=int, default=64)
     ap.add_argument("--throughput-rounds", type=int, default=5)
     ap.add_argument("--encode-batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached intermediate results")
     ap.add_argument("--work", default="", help="folder for intermediate results (default $TESSERA_HOME/bench/drama)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--previous", default="", help="an earlier drama.json (e.g. a smaller training budget) to summarise under previous_runs")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tessera import hub
@@ -216,7 +203,7 @@ def main() -> None:
     scifact = read_scifact(root / "ir" / "scifact", split="train")
     cranfield = subsample(read_cranfield(root / "ir" / "cranfield"), args.cranfield_docs, args.seed)
     vaswani_full = read_vaswani(root / "ir" / "vaswani")
-    vaswani = lowercase_queries(subsample(vaswani_full, args.vaswani_docs, args.seed))
+    vaswani = subsample(vaswani_full, args.vaswani_docs, args.seed)  # queries lower-cased by read_vaswani
     rows, neg_stats = T.mine_bm25_negatives(scifact, n_negatives=1, min_rank=args.min_neg_rank,
                                             query_instruction=DEFAULT_INSTRUCTION, seed=args.seed)
     examples = T.examples_from_rows(rows, n_negatives=1)
@@ -225,13 +212,18 @@ def main() -> None:
     bm25 = {"cranfield": bm25_eval(cranfield), "vaswani": bm25_eval(vaswani)}
     log(f"BM25: {bm25}")
 
-    # ---------------------------------------------------------------- prune, train, evaluate
+    # ---------------------------------------------------------------- prune, recover, train, evaluate
     base_dir = hub.resolve_lm("default")
+    cpt_tag = f"-cpt{args.cpt_steps}-{args.cpt_distill}" if args.cpt_steps else ""
+
+    def run_tag(name: str) -> str:  # names the trained retriever and its cached figures
+        return name.replace("/", "of") + (cpt_tag if VARIANTS[name] is not None else "")
+
     per_model: dict[str, dict] = {}
     for name in variants:
         ratio = VARIANTS[name]
         tag = name.replace("/", "of")
-        cached = work / f"{tag}.json"
+        cached = work / f"{run_tag(name)}.json"
         entry: dict = json.loads(cached.read_text()) if cached.is_file() else {}
         if all(is_current(entry, c) for c in ("cranfield", "vaswani")):
             per_model[name] = entry
@@ -251,7 +243,29 @@ def main() -> None:
             entry["pruning"] = {k: report[k] for k in ("target", "plan", "params_before", "params_after", "kept_layers",
                                                        "config_after", "lm_loss_before", "lm_loss_after", "times")}
             backbone = str(ckpt)
-        trained = work / f"{tag}-retriever"
+            if args.cpt_steps:
+                rec = work / f"{tag}-backbone{cpt_tag}"
+                if not (rec / "config.json").is_file():
+                    from tessera.retrieval.prune import calibration_texts, load_causal_lm
+                    from tessera.retrieval.recover import continued_pretraining
+
+                    log(f"{name}: continued pretraining {args.cpt_steps} steps x {args.cpt_batch_size} x {args.cpt_seq_len} "
+                        f"tokens, {args.cpt_distill} distillation from the unpruned model")
+                    student, tok, _ = load_causal_lm(str(ckpt))
+                    teacher = load_causal_lm("default")[0] if args.cpt_distill != "none" else None
+                    rep = continued_pretraining(
+                        student, tok, calibration_texts(args.cpt_text), teacher=teacher, distill=args.cpt_distill,
+                        steps=args.cpt_steps, batch_size=args.cpt_batch_size, seq_len=args.cpt_seq_len, lr=args.cpt_lr,
+                        seed=args.seed, log_every=max(1, args.cpt_steps // 20),
+                        on_log=lambda step, loss: log(f"{name}: cpt step {step} loss {loss:.4f}"))
+                    shutil.rmtree(rec, ignore_errors=True)
+                    save_pruned(student, tok, rec)
+                    (rec / "tessera_recovery.json").write_text(json.dumps(rep.to_dict(), indent=2))
+                    del student, teacher
+                entry["recovery"] = json.loads((rec / "tessera_recovery.json").read_text())
+                log(f"{name}: recovery {entry['recovery']}")
+                backbone = str(rec)
+        trained = work / f"{run_tag(name)}-retriever"
         if not (trained / "modules.json").is_file():
             torch.manual_seed(args.seed)
             model = build_retriever(backbone, prompt_style="reasonir", max_seq_length=args.train_max_len, device="cpu")
@@ -262,9 +276,9 @@ def main() -> None:
                                       logging_steps=4, quiet=True)
             shutil.rmtree(work / "scratch", ignore_errors=True)
             save_model(model, trained)
-            (work / f"{tag}-train.json").write_text(json.dumps(stats))
+            (work / f"{run_tag(name)}-train.json").write_text(json.dumps(stats))
             del model
-        stats = json.loads((work / f"{tag}-train.json").read_text())
+        stats = json.loads((work / f"{run_tag(name)}-train.json").read_text())
         entry["training"] = {k: stats[k] for k in ("steps", "train_s", "loss_first", "loss_last", "train_loss_mean")}
         entry["training"]["loss_curve"] = [(h["step"], round(h["loss"], 4)) for h in stats["history"] if "loss" in h]
         model = build_retriever(str(trained), max_seq_length=args.eval_max_len, device="cpu")
@@ -282,7 +296,7 @@ def main() -> None:
         del model
 
     # ---------------------------------------------------------------- throughput, interleaved
-    models = {name: build_retriever(str(work / f"{name.replace('/', 'of')}-retriever"), max_seq_length=args.eval_max_len,
+    models = {name: build_retriever(str(work / f"{run_tag(name)}-retriever"), max_seq_length=args.eval_max_len,
                                     device="cpu") for name in per_model}
     texts = [d.full_text for d in cranfield.docs[: args.throughput_docs]]
     speed = throughput(models, texts, args.encode_batch, args.throughput_rounds)
@@ -312,6 +326,9 @@ def main() -> None:
         "config": {**vars(args), "base_model": "SmolLM2-135M-Instruct (embedded)", "prompt_style": "reasonir",
                    "prompts": {"query": prompts["query"], "document": prompts["positive"]},
                    "pooling": "mean (prompt excluded)", "attention": "bidirectional",
+                   "recovery": ({"steps": args.cpt_steps, "distill": args.cpt_distill, "text": args.cpt_text,
+                                 "tokens": args.cpt_steps * args.cpt_batch_size * args.cpt_seq_len,
+                                 "teacher": "the unpruned SmolLM2-135M-Instruct"} if args.cpt_steps else None),
                    "temperature": T.REASONIR_TEMPERATURE, "train_group_size": 2,
                    "training_data": {"source": "SciFact train claims (all 809; none are used for reported figures)",
                                      "claims": len(rows), "examples": len(examples),

@@ -84,7 +84,9 @@ def test_vaswani():
     assert c.docs[0].id == "1" and c.docs[0].text.startswith("compact memories have flexible capacities")
     assert c.docs[-1].id == "11429"
     assert c.queries[0].id == "1"
-    assert c.queries[0].text == "MEASUREMENT OF DIELECTRIC CONSTANT OF LIQUIDS BY THE USE OF MICROWAVE TECHNIQUES"
+    assert c.queries[0].text == "measurement of dielectric constant of liquids by the use of microwave techniques"
+    raw = read_vaswani(shared("ir", "vaswani"), lowercase_queries=False)
+    assert raw.queries[0].text == "MEASUREMENT OF DIELECTRIC CONSTANT OF LIQUIDS BY THE USE OF MICROWAVE TECHNIQUES"
     assert set(g for v in c.qrels.values() for g in v.values()) == {1}
 
 

@@ -332,14 +332,22 @@ def read_trec(
     return _finish(docs, queries, qrels, Path(docs_path).parent.name, bad.n)
 
 
-def read_vaswani(folder: PathLike, skip_bad: bool = False) -> Collection:
+def read_vaswani(folder: PathLike, skip_bad: bool = False, lowercase_queries: bool = True) -> Collection:
     """Vaswani (NPL): ``doc-text.trec``, ``query-text.trec``, ``qrels`` (11,429 docs, 93 queries).
 
-    Query texts are upper case in the source; they are kept as they are.
+    The source's query texts are upper case while its documents are lower case.  BM25
+    and uncased encoders fold case anyway, but a cased subword model (SmolLM2's BPE)
+    would see unrelated tokens, so queries are lower-cased unless
+    ``lowercase_queries=False``.
     """
+    from dataclasses import replace
+
     root = _folder(folder, "Vaswani")
     layout = "doc-text.trec, query-text.trec and qrels (terrier's vaswani_npl layout)"
-    return read_trec(*(_need(root, n, layout) for n in ("doc-text.trec", "query-text.trec", "qrels")), skip_bad=skip_bad)
+    c = read_trec(*(_need(root, n, layout) for n in ("doc-text.trec", "query-text.trec", "qrels")), skip_bad=skip_bad)
+    if lowercase_queries:
+        c.queries = [replace(q, text=q.text.lower()) for q in c.queries]
+    return c
 
 
 # ----------------------------------------------------------------------- Cranfield
