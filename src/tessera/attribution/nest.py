@@ -827,22 +827,19 @@ def nest_decode(lm, datastore: TokenDatastore | None, input_ids: torch.Tensor, c
 # --------------------------------------------------------------------------- baselines (same harness)
 
 
-@torch.inference_mode()
-def greedy_generate(lm, input_ids: torch.Tensor, max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None,
-                    method: str = "greedy") -> NestResult:
-    """Plain greedy decoding of the same LM with a KV cache (one forward pass per token); no attribution."""
+def _token_by_token(lm, ids: torch.Tensor, max_new_tokens: int, stats: NestStats, on_token, forward, pick) -> list[int]:
+    """The baselines' shared loop: ``state = forward(ids, cache)``, then ``token = pick(state)`` and
+    ``state = forward([[token]], cache)`` until a stop token or ``max_new_tokens``."""
     from transformers import DynamicCache
 
-    ids = _check_prompt(lm, input_ids, max_new_tokens)
-    stats = NestStats(prompt_tokens=int(ids.shape[1]), stop_reason="length")
     emit = _Emitter(lm.tokenizer, on_token)
     t0 = time.perf_counter()
     cache = DynamicCache(config=lm.model.config)
-    logits = lm.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    state = forward(ids, cache)
     stats.prefill_s = time.perf_counter() - t0
     out: list[int] = []
     while True:
-        token = int(torch.argmax(logits))
+        token = pick(state)
         if token in lm.stop_ids:
             stats.stop_reason = "eos"
             break
@@ -850,9 +847,22 @@ def greedy_generate(lm, input_ids: torch.Tensor, max_new_tokens: int = 128, on_t
         emit.add([token])
         if len(out) >= max_new_tokens:
             break
-        logits = lm.model(input_ids=torch.tensor([[token]], device=ids.device), cache=cache, use_cache=True).logits[0, -1]
+        state = forward(torch.tensor([[token]], device=ids.device), cache)
         stats.forward_passes += 1
     stats.generate_s = time.perf_counter() - t0
+    return out
+
+
+@torch.inference_mode()
+def greedy_generate(lm, input_ids: torch.Tensor, max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None,
+                    method: str = "greedy") -> NestResult:
+    """Plain greedy decoding of the same LM with a KV cache (one forward pass per token); no attribution."""
+    ids = _check_prompt(lm, input_ids, max_new_tokens)
+    stats = NestStats(prompt_tokens=int(ids.shape[1]), stop_reason="length")
+    out = _token_by_token(
+        lm, ids, max_new_tokens, stats, on_token,
+        forward=lambda x, cache: lm.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1],
+        pick=lambda logits: int(torch.argmax(logits)))
     return make_result(lm, out, [None] * len(out), stats, method=method)
 
 
@@ -873,33 +883,16 @@ def knn_lm_generate(lm, datastore: TokenDatastore, input_ids: torch.Tensor, max_
     ``config.lm_temperature``): NEST with nothing accepted reduces to this.
     No token is attributed (the kNN-LM has no notion of a copied span).
     """
-    from transformers import DynamicCache
-
     cfg = config or NestConfig()
     ids = _check_prompt(lm, input_ids, max_new_tokens)
     datastore.reset()
     fixed = None if knn_lambda is None else 1.0 - knn_lambda
     temp = None if knn_lambda is None else 1.0
     stats = NestStats(prompt_tokens=int(ids.shape[1]), datastore_tokens=len(datastore), stop_reason="length")
-    emit = _Emitter(lm.tokenizer, on_token)
-    t0 = time.perf_counter()
-    cache = DynamicCache(config=lm.model.config)
-    logits, h = _forward(lm.model, ids, cache, last_only=True)
-    stats.prefill_s = time.perf_counter() - t0
-    out: list[int] = []
-    while True:
-        p = _mix(logits, h, datastore, cfg, fixed_lambda=fixed, lm_temperature=temp).p_m[-1]
-        token = int(torch.argmax(p))
-        if token in lm.stop_ids:
-            stats.stop_reason = "eos"
-            break
-        out.append(token)
-        emit.add([token])
-        if len(out) >= max_new_tokens:
-            break
-        logits, h = _forward(lm.model, torch.tensor([[token]], device=ids.device), cache)
-        stats.forward_passes += 1
-    stats.generate_s = time.perf_counter() - t0
+    out = _token_by_token(
+        lm, ids, max_new_tokens, stats, on_token,
+        forward=lambda x, cache: _forward(lm.model, x, cache, last_only=True),
+        pick=lambda state: int(torch.argmax(_mix(*state, datastore, cfg, fixed_lambda=fixed, lm_temperature=temp).p_m[-1])))
     return make_result(lm, out, [None] * len(out), stats, datastore.passages,
                        method="knn-lm" if knn_lambda is not None else "nest-mixture-greedy")
 
