@@ -31,10 +31,12 @@ models_app = typer.Typer(help="Embedded default models and model specs.", no_arg
 app.add_typer(models_app, name="models")
 from tessera.attribution.cli import cite_command  # noqa: E402
 from tessera.attribution.nest_cli import nest_app  # noqa: E402
+from tessera.btx.cli import btx_app  # noqa: E402
 from tessera.retrieval.cli import retrieval_app  # noqa: E402
 
 app.add_typer(retrieval_app, name="retrieval")
 app.add_typer(nest_app, name="nest")
+app.add_typer(btx_app, name="btx")
 app.command("cite")(cite_command)
 
 
@@ -204,15 +206,20 @@ def models_list():
     ui.out.print("Any local model folder or cached hub id works wherever a spec is asked for.")
 
 
-def main() -> None:
+def run_app(typer_app) -> None:
+    """Run a typer app with tessera's error contract: a TesseraError is one line on stderr, exit 2."""
     try:
-        app()
+        typer_app()
     except TesseraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted; run the command again (unfinished caches are discarded and rebuilt)", file=sys.stderr)
         sys.exit(130)
+
+
+def main() -> None:
+    run_app(app)
 
 
 if __name__ == "__main__":

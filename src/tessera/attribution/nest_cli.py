@@ -7,12 +7,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import typer
 
 from tessera import ui
-from tessera.errors import TesseraError
 
 nest_app = typer.Typer(help="NEST: nearest-neighbour speculative decoding that copies corpus spans and cites them.",
                        no_args_is_help=True)
@@ -98,11 +96,9 @@ def print_result(result) -> None:
 
 
 def main() -> None:
-    try:
-        nest_app()
-    except TesseraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    from tessera.cli import run_app
+
+    run_app(nest_app)
 
 
 if __name__ == "__main__":

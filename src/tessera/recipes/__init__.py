@@ -15,6 +15,11 @@ RECIPES: dict[str, str] = {
     "retrieval-train": "retrieval_train",
     "retrieval-prune": "retrieval_prune",
     "selfcite-simpo": "selfcite_simpo",
+    "mixed-modal-pretrain": "mixed_modal_pretrain",
+    "pit": "pit",
+    "btx-branch": "btx_branch",
+    "btx-finetune": "btx_finetune",
+    "lmfusion-train": "lmfusion_train",
 }
 
 
