@@ -131,11 +131,17 @@ def ask(
     decode: str = "greedy",
     cite: bool = False,
     best_of: int = 0,
+    on_sources: Callable[[list[Source]], None] | None = None,
+    on_answer: Callable[[str], None] | None = None,
 ) -> AskResult:
     """Retrieve ``k`` passages, prompt the LM with them as numbered sources, stream the answer.
 
     ``retriever``: ``"bm25"``, ``"dense"`` (``encoder``, a sentence-transformers spec)
     or ``"hybrid"`` (reciprocal-rank fusion of both, Cormack et al. 2009).
+    Callbacks for servers and UIs: ``on_sources(sources)`` once the sources that fit
+    the prompt are known (before generation), ``on_token(piece)`` per decoded piece,
+    ``on_answer(text)`` when generation ends (before citations are scored).  An
+    exception raised in a callback stops the work and propagates (e.g. a timeout).
     """
     if not question or not question.strip():
         raise InputError("the question is empty; pass a question, e.g. tessera ask \"How do I open a file?\"")
@@ -166,6 +172,8 @@ def ask(
 
     budget = min(max_prompt_tokens, model.context_window - max_new_tokens)
     sources, input_ids = fit_sources(model, question, sources, budget)
+    if on_sources:
+        on_sources(sources)
 
     stats = GenerationStats()
     nest_result = None
@@ -188,6 +196,8 @@ def ask(
         answer = "".join(pieces)
     timings["generate_s"] = stats.total_s
     timings["time_to_first_token_s"] = stats.time_to_first_token_s
+    if on_answer:
+        on_answer(answer.strip())
     statements = []
     if cite and sources and answer.strip():
         from tessera.attribution.selfcite import cite_answer

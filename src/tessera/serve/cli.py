@@ -1,0 +1,33 @@
+"""``tessera serve``: the HTTP API and web page on 127.0.0.1 (see :mod:`tessera.serve`)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def serve_command(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 127.0.0.1 keeps the server private to this machine."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port to listen on."),
+    corpus: list[str] = typer.Option(["python-docs"], "--corpus", "-c",
+                                     help="Corpus to serve (repeatable): 'python-docs' or a file/folder of .txt/.md/.rst/.jsonl documents. The first is the default."),
+    lm: str = typer.Option("default", "--lm", help="Language model: 'default' (embedded SmolLM2-135M-Instruct), a local folder or a cached hub id."),
+    encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid retrieval; 'none' serves BM25 only."),
+    prebuild_dense: bool = typer.Option(True, "--prebuild-dense/--lazy-dense", help="Build dense indexes in the background at start (else on first dense request)."),
+    queue_size: int = typer.Option(8, "--queue-size", help="Requests that may wait for the model; more get 429 with Retry-After."),
+    timeout: float = typer.Option(180.0, "--timeout", help="Seconds a request may take, queue wait included (504 past it)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Default answer length in tokens (requests may ask for up to --max-new-tokens-limit)."),
+    max_new_tokens_limit: int = typer.Option(512, "--max-new-tokens-limit", help="Longest answer a request may ask for."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest upload (all files of one request), in MiB."),
+    max_upload_files: int = typer.Option(20, "--max-upload-files", help="Most files in one upload."),
+    max_corpora: int = typer.Option(16, "--max-corpora", help="Most uploaded corpora kept at once."),
+):
+    """Serve the ask API (FastAPI, OpenAPI at /openapi.json) and a web page with clickable citations."""
+    from tessera.serve.app import serve
+    from tessera.serve.config import ServeConfig
+
+    cfg = ServeConfig(host=host, port=port, lm=lm, corpora=list(corpus), encoder=None if encoder.lower() == "none" else encoder,
+                      prebuild_dense=prebuild_dense, queue_size=queue_size, request_timeout_s=timeout,
+                      max_new_tokens=max_new_tokens, max_new_tokens_limit=max_new_tokens_limit,
+                      max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_upload_files=max_upload_files,
+                      max_uploaded_corpora=max_corpora)
+    serve(cfg)

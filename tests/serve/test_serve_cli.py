@@ -1,0 +1,64 @@
+"""``tessera serve`` from the command line: help, bad options (exit 2, one line), the real server process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tessera_testing import run_cli
+
+
+def test_serve_help_lists_the_options():
+    r = run_cli("serve", "--help")
+    assert r.returncode == 0, r.stderr
+    for opt in ("--host", "--port", "--corpus", "--lm", "--queue-size", "--timeout"):
+        assert opt in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--port", "70000"], "--port must be 0..65535"),
+    (["--corpus", "/no/such/corpus-folder"], "not found"),
+    (["--queue-size", "-1"], "queue_size must be 0 or more"),
+])
+def test_bad_options_fail_with_one_line(args, needle, tiny_lm_dir):
+    r = run_cli("serve", "--lm", str(tiny_lm_dir), *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+def test_serve_process_answers_on_localhost(tiny_lm_dir, small_corpus_dir, tmp_path):
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TESSERA_HOME": os.environ["TESSERA_HOME"]}
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", "--quiet", "serve", "--port", str(port), "--lm", str(tiny_lm_dir),
+                             "--corpus", str(small_corpus_dir), "--encoder", "none", "--max-new-tokens", "4"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                health = httpx.get(base + "/healthz", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() - t < 120, "the server did not start"
+                time.sleep(0.2)
+        assert health["model"] == str(tiny_lm_dir) and health["corpora"] == 1
+        r = httpx.post(base + "/v1/ask", json={"question": "how hot is green tea steeped"}, timeout=60)
+        assert r.status_code == 200 and r.json()["sources"][0]["doc_id"] == "tea.md"
+        # bound to the loopback interface only (the default)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in out
