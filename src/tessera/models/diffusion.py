@@ -1,0 +1,82 @@
+"""DDPM objective and sampler for continuous image patches (Transfusion section 2.2; Ho et al. 2020).
+
+The noise schedule is diffusers' :class:`DDPMScheduler` with ``beta_schedule="squaredcos_cap_v2"``
+(the cosine schedule of Nichol & Dhariwal 2021), 1000 training steps and epsilon prediction, as in
+Transfusion.  Loss: ``|| eps - eps_theta(x_t, t, context) ||^2`` (DDPM eq. 14, the "simple" loss).
+Sampling: ancestral DDPM over ``num_inference_steps`` (Transfusion: 250) with optional
+classifier-free guidance (``eps_u + s * (eps_c - eps_u)``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+NUM_TRAIN_TIMESTEPS = 1000  # Transfusion
+NUM_INFERENCE_STEPS = 250  # Transfusion
+
+
+def make_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    """DDPM with the cosine schedule, epsilon prediction, samples clipped to [-1, 1]."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0)
+
+
+def sample_timesteps(n: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, max_t: torch.Tensor | int | None = None,
+                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Uniform timesteps in ``[0, max_t)`` (``max_t`` per sample or scalar; default all 1000 steps)."""
+    u = torch.rand(n, generator=generator, device=device)
+    hi = torch.as_tensor(num_train_timesteps if max_t is None else max_t, device=device).float()
+    return (u * hi).long().clamp(max=num_train_timesteps - 1)
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` (DDPM eq. 4); ``timesteps`` per row of x0."""
+    return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
+
+
+def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """DDPM simple loss (Ho et al. 2020, eq. 14): mean squared error of the predicted noise."""
+    if eps_pred.numel() == 0:
+        return eps_pred.sum() * 0.0
+    return F.mse_loss(eps_pred.float(), noise.float())
+
+
+@torch.no_grad()
+def ddpm_sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...], scheduler,
+                num_inference_steps: int = NUM_INFERENCE_STEPS, generator: torch.Generator | None = None,
+                guidance_scale: float = 1.0, uncond_eps_fn: Callable | None = None, device=None) -> torch.Tensor:
+    """Ancestral DDPM sampling from pure noise.
+
+    ``eps_fn(x_t, t)`` returns the predicted noise for ``x_t`` (shape ``shape``) at integer timestep
+    ``t`` (a 0-d tensor).  With ``guidance_scale != 1`` and ``uncond_eps_fn``, classifier-free guidance.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    x = torch.randn(shape, generator=generator, device=device)
+    for t in scheduler.timesteps:
+        eps = eps_fn(x, t)
+        if uncond_eps_fn is not None and guidance_scale != 1.0:
+            eps_u = uncond_eps_fn(x, t)
+            eps = eps_u + guidance_scale * (eps - eps_u)
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, (H/p)*(W/p), C*p*p]`` in raster order."""
+    N, C, H, W = images.shape
+    if H % patch or W % patch:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch size {patch}")
+    x = images.reshape(N, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(N, (H // patch) * (W // patch), C * patch * patch)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, height: int, width: int, channels: int = 1) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    N = patches.shape[0]
+    x = patches.reshape(N, height // patch, width // patch, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(N, channels, height, width)

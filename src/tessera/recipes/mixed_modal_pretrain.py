@@ -1,0 +1,378 @@
+"""Recipe ``mixed-modal-pretrain``: dense, MoT, MoE, MoMa and MoD mixed-modal decoders, one config switch.
+
+    tessera run mixed-modal-pretrain setting=chameleon variant=mot
+    tessera run mixed-modal-pretrain setting=transfusion variant=moma n_text_experts=2 n_image_experts=2
+    torchrun --nproc_per_node 2 -m tessera.cli run mixed-modal-pretrain variant=moma_mod
+
+Top to bottom: captioned digits (scikit-learn 8x8 ``digits`` or ``mnist``) in both orders plus
+WikiText-2 text-only sequences (:mod:`tessera.data.mixed_modal`) -> images as discrete tokens
+(Chameleon setting: pixel values for 8x8 digits, a VQ tokenizer trained here for MNIST) or as
+continuous patches (Transfusion setting: DDPM loss, lambda 5, bidirectional attention within an
+image) -> a :class:`~tessera.models.objectives.MixedModalLM` of the chosen ``variant`` -> the training
+loop of :mod:`tessera.train` (DDP under torchrun, FSDP on GPU) with cumulative training FLOPs logged
+with every metric -> validation loss on text and image tokens separately (expert-choice and MoD
+models also with their causal auxiliary routers) -> image-from-caption generation and captioning,
+scored by a digit classifier trained here.  Dump dir: ``config.yaml``, ``metrics.jsonl`` (rows
+``kind=train|eval`` with ``step``, ``flops``, ``tokens``), ``checkpoint.pt`` (resumed automatically),
+``classifier.pt``, ``vq.pt`` (MNIST + Chameleon), ``samples.png``, ``results.json``.
+
+Defaults are CPU-sized (d_model 64, 4 layers, batch 32, 400 steps: a few minutes on one core).
+Paper scale (MoT: Chameleon 7B and 443M-1.4B; MoMa 1.4B; GPU, bf16, FSDP) is set by the model keys;
+sizes for GPU users (SwiGLU hidden 4d; "active" = parameters a token uses, dense = MoT active):
+
+=========  =========================================================  ===========  ============
+size       keys                                                       dense total  MoT total
+=========  =========================================================  ===========  ============
+~40M       d_model=512 n_layers=8 n_heads=8                           ~34M         ~67M
+~200M      d_model=1024 n_layers=12 n_heads=16                        ~200M        ~400M
+~500M      d_model=1536 n_layers=16 n_heads=24                        ~600M        ~1.2B
+~1B        d_model=2048 n_layers=16 n_heads=16 batch_size=64 lr=3e-4   ~1.07B       ~2.1B
+=========  =========================================================  ===========  ============
+
+MoMa 1.4B-style: ``variant=moma n_text_experts=4 n_image_experts=4`` (8 experts, active = dense);
+add ``_mod`` for mixture-of-depths.  At those sizes also raise ``steps``, ``warmup_steps`` (MoT: 4000
+at 7B), lower ``lr`` (Chameleon: 1e-4 at 7B; MoT 443M-1.4B: 3e-4), and run with ``torchrun``; the byte
+vocabulary and the digit data stay, so large runs need the user's own data to be meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    setting: str = "chameleon"  # chameleon (images as tokens, AR loss) | transfusion (patches, LM + lambda * DDPM)
+    variant: str = "dense"  # dense | mot | moe_tc | moe_ec | moma | <any>_mod (mixture-of-depths)
+    dataset: str = "digits"  # digits (scikit-learn 8x8, no download) | mnist (../shared/data/mnist)
+    mnist_dir: str = ""  # default ../shared/data/mnist
+    text_dir: str = ""  # WikiText-2 folder (test.txt = training text, valid.txt = validation); default ../shared/data/wikitext2
+    dump_dir: str = "runs/mixed-modal-pretrain"
+    seed: int = 0
+    # model (CPU-sized; see the docstring for GPU sizes)
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 0  # 0 -> 4 * d_model
+    n_experts: int = 4  # moe_tc / moe_ec
+    top_k: int = 1
+    capacity_factor: float = 1.0  # expert choice: capacity 1/E per expert (MoMa)
+    n_text_experts: int = 4  # MoMa 4t4i headline
+    n_image_experts: int = 4
+    untie_attention: bool = False
+    mod_capacity: float = 0.25  # MoMa: 25%
+    mod_every: int = 2
+    aux_router: bool = True
+    # data
+    patch_size: int = 0  # transfusion patches: 0 -> 2 for digits (16 patches), 4 for MNIST (49 patches)
+    text_fraction: float = 0.25  # share of text-only sequences
+    caption_first: float = 0.8  # Transfusion: 80% of pairs caption first
+    n_val_images: int = 300
+    vq_codes: int = 64  # MNIST VQ tokenizer (Chameleon: 8192 codes; scaled down)
+    vq_steps: int = 800
+    # objective
+    diffusion_lambda: float = 5.0  # Transfusion lambda
+    aux_coef: float = 1.0
+    lb_coef: float = 0.01  # Switch alpha
+    # optimisation (AdamW beta2 0.95 and weight decay 0.1 as Chameleon/MoT; lr scaled up for tiny models)
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # logging, evaluation, checkpoints
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    resume: bool = True
+    final_eval: bool = True
+    sample_per_class: int = 5
+    sample_steps: int = 50  # DDPM sampling steps (Transfusion: 250; scaled down for CPU)
+    n_caption_eval: int = 100
+    classifier_steps: int = 600
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: str = ""  # "" = CUDA when present, else CPU
+    distributed: str = "auto"  # auto (FSDP on GPU, DDP on CPU) | ddp | fsdp | none
+
+
+def model_config(cfg: Config, vocab_size: int, patch_dim: int):
+    from tessera.models.decoder import MixedModalConfig
+
+    return MixedModalConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                            ffn_hidden=cfg.ffn_hidden, variant=cfg.variant, n_experts=cfg.n_experts, top_k=cfg.top_k,
+                            capacity_factor=cfg.capacity_factor, n_text_experts=cfg.n_text_experts,
+                            n_image_experts=cfg.n_image_experts, untie_attention=cfg.untie_attention,
+                            mod_capacity=cfg.mod_capacity, mod_every=cfg.mod_every, aux_router=cfg.aux_router,
+                            patch_dim=patch_dim)
+
+
+def routings_for(variant: str, aux_router: bool) -> list[str]:
+    """``["batch"]`` plus ``"aux"`` for models with non-causal routing (expert choice, MoD)."""
+    from tessera.models.decoder import parse_variant
+
+    base, mod = parse_variant(variant)
+    return ["batch", "aux"] if aux_router and (mod or base in ("moe_ec", "moma")) else ["batch"]
+
+
+def _text_docs(cfg: Config) -> tuple[list[str], list[str], str]:
+    from tessera.data.paths import shared_data_dir
+    from tessera.data.text import python_docs_corpus, read_wikitext
+    from tessera.errors import InputError
+
+    root = Path(cfg.text_dir) if cfg.text_dir else (shared_data_dir() / "wikitext2" if shared_data_dir() else None)
+    if root is not None and (root / "test.txt").is_file() and (root / "valid.txt").is_file():
+        return ([d.text for d in read_wikitext(root / "test.txt")], [d.text for d in read_wikitext(root / "valid.txt")],
+                f"wikitext2 ({root})")
+    if cfg.text_dir:
+        raise InputError(f"{cfg.text_dir} has no WikiText-2 test.txt and valid.txt; pass the wikitext2 folder")
+    docs = [d.text for d in python_docs_corpus()]
+    cut = max(1, len(docs) * 9 // 10)
+    return docs[:cut], docs[cut:], "python docs (WikiText-2 not found)"
+
+
+def build_data(cfg: Config, dump: Path | None = None):
+    """``(train_data, val_data, train_idx, val_idx, codes_to_images, info)``; trains/loads the VQ tokenizer for MNIST."""
+    import numpy as np
+    import torch
+
+    from tessera.data.mixed_modal import MixedModalData, load_image_set, split_indices, text_stream
+    from tessera.data.paths import shared_data_dir
+    from tessera.errors import InputError
+
+    if cfg.setting not in ("chameleon", "transfusion"):
+        raise InputError(f"unknown setting {cfg.setting!r}; use setting=chameleon or setting=transfusion")
+    mnist_dir = cfg.mnist_dir or (str(shared_data_dir() / "mnist") if shared_data_dir() else None)
+    images, labels = load_image_set(cfg.dataset, mnist_dir)
+    train_idx, val_idx = split_indices(len(images), cfg.n_val_images, seed=0)
+    train_docs, val_docs, text_source = _text_docs(cfg)
+    info = {"images": cfg.dataset, "n_train_images": len(train_idx), "n_val_images": len(val_idx), "text": text_source}
+    codes, n_codes, codes_to_images = None, 0, None
+    if cfg.setting == "chameleon":
+        if cfg.dataset == "digits":  # pixel-value tokens: 17 grey levels
+            codes = np.rint(images.reshape(len(images), -1) * 16).astype(np.int64)
+            n_codes = 17
+
+            def codes_to_images(c):
+                return c.float().view(-1, 8, 8) / 16.0
+        else:
+            from tessera.models.vq import VQTokenizer, train_vq_tokenizer
+
+            path = dump / "vq.pt" if dump is not None else None
+            if path is not None and path.is_file():
+                vq = VQTokenizer(n_codes=cfg.vq_codes)
+                vq.load_state_dict(torch.load(path, map_location="cpu"))
+                vq.eval()
+            else:
+                vq, mse = train_vq_tokenizer(images[train_idx], steps=cfg.vq_steps, n_codes=cfg.vq_codes, seed=cfg.seed)
+                info["vq_reconstruction_mse"] = round(mse, 5)
+                if path is not None:
+                    tmp = path.with_name(".vq.pt.tmp")
+                    torch.save(vq.state_dict(), tmp)
+                    tmp.replace(path)
+            codes = torch.cat([vq.encode(torch.from_numpy(images[i:i + 1000])) for i in range(0, len(images), 1000)]).numpy()
+            n_codes = cfg.vq_codes
+            H, W = images.shape[1:]
+
+            def codes_to_images(c):
+                return vq.decode(c, H, W)
+    patch = cfg.patch_size or (2 if cfg.dataset == "digits" else 4)
+    common = dict(codes=codes, n_image_codes=n_codes, patch_size=patch, text_fraction=cfg.text_fraction,
+                  caption_first=cfg.caption_first)
+    train = MixedModalData(cfg.setting, images, labels, text_stream(train_docs), **common)
+    val = MixedModalData(cfg.setting, images, labels, text_stream(val_docs), **common)
+    info.update(seq_len=train.seq_len, image_tokens=train.image_len, vocab_size=train.vocab.size)
+    return train, val, train_idx, val_idx, codes_to_images, info
+
+
+def get_classifier(cfg: Config, data, train_idx, val_idx, dump: Path | None):
+    """The judge: a digit CNN trained on the training images (cached in the dump dir)."""
+    import torch
+
+    from tessera.models.classifier import DigitClassifier, accuracy, train_digit_classifier
+
+    path = dump / "classifier.pt" if dump is not None else None
+    if path is not None and path.is_file():
+        clf = DigitClassifier()
+        clf.load_state_dict(torch.load(path, map_location="cpu"))
+        clf.eval()
+    else:
+        clf = train_digit_classifier(data.images[train_idx], data.labels[train_idx], steps=cfg.classifier_steps, seed=cfg.seed)
+        if path is not None:
+            tmp = path.with_name(".classifier.pt.tmp")
+            torch.save(clf.state_dict(), tmp)
+            tmp.replace(path)
+    return clf, accuracy(clf, data.images[val_idx], data.labels[val_idx])
+
+
+def validation_batches(cfg: Config, val_data, val_idx) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(12345)
+    return [val_data.batch(cfg.batch_size, rng, val_idx) for _ in range(cfg.eval_batches)]
+
+
+def evaluate(lm, batches: list[dict], routing: str = "batch", device: str = "cpu", seed: int = 0) -> dict:
+    """Mean validation losses over fixed batches (fixed diffusion noise and timesteps via ``seed``)."""
+    import torch
+
+    was_training = lm.training
+    lm.eval()
+    g = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for b in batches:
+            out = lm({k: v.to(device) for k, v in b.items()}, routing=routing, generator=g)
+            for k in ("text_loss", "image_loss", "model_loss"):
+                sums[k] = sums.get(k, 0.0) + float(out[k])
+    lm.train(was_training)
+    return {f"val_{k}": round(v / len(batches), 5) for k, v in sums.items()}
+
+
+def save_samples_png(images, labels: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = max(1, labels.count(0))
+    fig, axes = plt.subplots(10, per, figsize=(per * 0.8, 8.5))
+    for i, ax in enumerate(axes.reshape(-1)):
+        ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([]), ax.set_yticks([])
+        if i % per == 0:
+            ax.set_ylabel(str(labels[i]), rotation=0, labelpad=8)
+    fig.suptitle(title, fontsize=8)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(cfg: Config) -> Path:
+    import numpy as np
+    import torch
+
+    from tessera import ui
+    from tessera.config import DumpDir, atomic_write_text
+    from tessera.errors import InputError
+    from tessera.models.decoder import parse_variant
+    from tessera.models.flops import batch_train_flops, forward_flops_per_token
+    from tessera.models.modality import IMAGE, TEXT
+    from tessera.models.objectives import MixedModalLM
+    from tessera.models.sampling import captioning_accuracy, generation_accuracy
+    from tessera.train import LoopState, cosine_lr, init_distributed, load_checkpoint, save_checkpoint, train_loop, unwrap, wrap_model
+
+    try:
+        parse_variant(cfg.variant)
+    except ValueError as e:
+        raise InputError(f"{e}; pass variant=NAME") from None
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise InputError("steps and batch_size must be >= 1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dump_path = Path(cfg.dump_dir)
+
+    # 1. data (and, for MNIST + Chameleon, the VQ tokenizer), the judge classifier
+    dump_path.mkdir(parents=True, exist_ok=True)
+    train_data, val_data, train_idx, val_idx, codes_to_images, data_info = build_data(cfg, dump_path if info.is_main else None)
+    clf, clf_acc = get_classifier(cfg, train_data, train_idx, val_idx, dump_path if info.is_main else None)
+    dump = DumpDir(dump_path, cfg) if info.is_main else None
+
+    # 2. the model and its objective
+    mcfg = model_config(cfg, train_data.vocab.size, train_data.patch_dim)
+    lm = MixedModalLM(mcfg, cfg.setting, diffusion_lambda=cfg.diffusion_lambda, aux_coef=cfg.aux_coef,
+                      lb_coef=cfg.lb_coef).to(info.device)
+    decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    # 3. resume
+    ckpt = dump_path / "checkpoint.pt"
+    state = LoopState()
+    if cfg.resume and ckpt.is_file():
+        state, _ = load_checkpoint(ckpt, lm, opt)
+        if info.is_main:  # drop metric rows logged after the checkpoint
+            mpath = dump_path / "metrics.jsonl"
+            if mpath.is_file():
+                rows = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= state.step]
+                atomic_write_text(mpath, "".join(r + "\n" for r in rows))
+        ui.info(f"resumed from {ckpt} at step {state.step}")
+    elif info.is_main:
+        (dump_path / "metrics.jsonl").unlink(missing_ok=True)
+    model = wrap_model(lm, info, cfg.distributed, blocks=list(lm.model.layers))
+    core = unwrap(model)
+
+    # 4. train
+    val_batches = validation_batches(cfg, val_data, val_idx)
+    routings = routings_for(cfg.variant, cfg.aux_router)
+
+    def get_batch(step: int) -> dict:
+        return train_data.batch(cfg.batch_size, np.random.default_rng([cfg.seed, info.rank, step]), train_idx)
+
+    def run_eval(step: int) -> None:
+        for r in routings:
+            row = evaluate(core, val_batches, r, info.device, seed=cfg.seed)
+            if dump:
+                dump.log(kind="eval", step=step, flops=state.flops, tokens=state.tokens, routing=r, **row)
+
+    bar = ui.progress()
+    task = bar.add_task(f"{cfg.setting}/{cfg.variant}", total=cfg.steps, completed=state.step)
+
+    def on_step(st: LoopState, logs: dict, dt: float) -> None:
+        bar.update(task, completed=st.step)
+        if dump and (st.step % cfg.log_every == 0 or st.step in (1, cfg.steps)):
+            dump.log(kind="train", step=st.step, flops=st.flops, tokens=st.tokens, step_s=round(dt, 4),
+                     lr=opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in logs.items()})
+        if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
+            run_eval(st.step)
+        if st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
+            save_checkpoint(ckpt, model, opt, st, {"model_config": mcfg.to_dict()}, info.is_main)
+
+    if state.step == 0:
+        run_eval(0)
+    with bar:
+        state = train_loop(model, opt, get_batch, cfg.steps, state, info,
+                           flops_fn=lambda b: batch_train_flops(mcfg, b["modality"], cfg.setting),
+                           lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
+                           grad_clip=cfg.grad_clip, on_step=on_step)
+
+    # 5. final evaluation: losses (both routings), generation and captioning accuracy
+    results: dict = {"setting": cfg.setting, "variant": cfg.variant, "data": data_info, "params": core.model.num_params(),
+                     "model_config": mcfg.to_dict(), "classifier_val_accuracy": round(clf_acc, 4),
+                     "train_flops_per_token": {m: 3 * forward_flops_per_token(mcfg, train_data.seq_len, i, cfg.setting)
+                                               for m, i in (("text", TEXT), ("image", IMAGE))},
+                     "steps": state.step, "train_flops": state.flops, "train_tokens": state.tokens,
+                     "world_size": info.world_size}
+    times = state.step_times[5:] or state.step_times
+    results["median_step_s"] = float(np.median(times)) if times else None
+    results["val"] = {r: evaluate(core, val_batches, r, info.device, seed=cfg.seed) for r in routings}
+    if cfg.final_eval:
+        gen_routing = "aux" if "aux" in routings else "batch"
+        results["generation"], results["captioning"] = {}, {}
+        for r in routings:
+            acc, imgs, labs = generation_accuracy(core, val_data, clf, cfg.sample_per_class, r, cfg.seed,
+                                                  cfg.sample_steps, codes_to_images)
+            results["generation"][r] = round(acc, 4)
+            cap_acc, rows = captioning_accuracy(core, val_data, val_idx[:cfg.n_caption_eval], r)
+            results["captioning"][r] = round(cap_acc, 4)
+            results.setdefault("caption_examples", {})[r] = rows[:5]
+            if dump and r == gen_routing:
+                save_samples_png(imgs, labs, dump_path / "samples.png",
+                                 f"{cfg.setting}/{cfg.variant} routing={r} classifier accuracy {acc:.2f}")
+        results["generation_routing_causal"] = gen_routing
+    if dump:
+        dump.write_results(results)
+        summary = {k: results[k] for k in ("val", "generation", "captioning") if k in results}
+        ui.info(f"{cfg.setting}/{cfg.variant}: {json.dumps(summary)}")
+    return dump_path
+
+
+__all__ = ["Config", "main"]
