@@ -33,9 +33,11 @@ from tessera.attribution.cli import cite_command  # noqa: E402
 from tessera.attribution.nest_cli import nest_app  # noqa: E402
 from tessera.btx.cli import btx_app  # noqa: E402
 from tessera.retrieval.cli import retrieval_app  # noqa: E402
+from tessera.rag import rag_app  # noqa: E402
 from tessera.serve.cli import serve_command  # noqa: E402
 
 app.add_typer(retrieval_app, name="retrieval")
+app.add_typer(rag_app, name="rag")
 app.add_typer(nest_app, name="nest")
 app.add_typer(btx_app, name="btx")
 app.command("cite")(cite_command)

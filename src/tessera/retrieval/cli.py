@@ -7,6 +7,12 @@
 - ``search DIR QUERY``: ranked doc ids, titles and scores (``--json``).
 - ``eval --collection C --retriever R --out DIR``: a TREC run file (``run.trec``)
   and ``metrics.json`` (nDCG@10, Recall@100, MRR@10 in 0..1, per query too).
+- ``synth --corpus C --out data.jsonl``: ReasonIR's synthetic training rows (HQ / VL
+  queries from documents, BM25 rank>=20 hard negatives), resumable and shardable.
+
+``search`` and ``eval`` take ReasonIR's test-time compute as flags: ``--rewrite reason``
+(retrieve with the LM's reasoning and expanded query) and ``--rerank N`` (rerank the
+top N with the LM's P("Yes"), fused 0.5/0.5 with the retriever after min-max).
 """
 
 from __future__ import annotations
@@ -48,6 +54,25 @@ def _load_encoder(spec: str):
 
     with ui.status(f"loading encoder {spec}"):
         return load_encoder(spec)
+
+
+_LM_HELP = "LM for --rewrite/--rerank: 'default' (embedded SmolLM2), a folder, or the model name served at --lm-url."
+_LM_URL_HELP = "OpenAI-compatible server (vLLM, llama.cpp) base URL, e.g. http://127.0.0.1:8000/v1."
+
+
+def _load_lm(lm: str, lm_url: str | None, batch_size: int = 8, repetition_penalty: float = 1.0):
+    from tessera.lm import load_backend
+
+    with ui.status(f"loading {lm}"):
+        return load_backend(lm, url=lm_url, batch_size=batch_size, repetition_penalty=repetition_penalty)
+
+
+def _check_tto(rewrite: str, rerank: int) -> None:
+    from tessera.retrieval.rewrite import REWRITE_MODES
+
+    _check_choice(rewrite, REWRITE_MODES, "--rewrite mode")
+    if rerank < 0:
+        raise InputError(f"--rerank must be 0 (off) or a number of documents, got {rerank}")
 
 
 def _maybe_init_distributed() -> tuple[int, int]:
@@ -155,6 +180,11 @@ def search_cmd(
     encoder: str = typer.Option(None, "--encoder", "-e", help="Query encoder (default: the one the index was built with)."),
     fusion: str = typer.Option("rrf", "--fusion", help="Hybrid fusion: rrf (reciprocal rank, k=60) | score (min-max, summed)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    rewrite: str = typer.Option("none", "--rewrite", help="none | reason (ReasonIR: retrieve with the LM's reasoning + expanded query)."),
+    rerank: int = typer.Option(0, "--rerank", help="Rerank the top N with the LM (P(Yes), 0.5 retriever + 0.5 reranker); 0 = off."),
+    rewrite_tokens: int = typer.Option(128, "--rewrite-tokens", help="Longest rewrite, in tokens (longer rewrites help more)."),
+    lm: str = typer.Option("default", "--lm", help=_LM_HELP),
+    lm_url: str = typer.Option(None, "--lm-url", help=_LM_URL_HELP),
 ):
     """Query an index: ranked doc ids, titles and scores."""
     from tessera.data.jsonl import read_jsonl
@@ -172,6 +202,7 @@ def search_cmd(
     _check_positive(k, "--k")
     if not query.strip():
         raise InputError("the query is empty; pass a query")
+    _check_tto(rewrite, rerank)
     need = ["bm25", "dense"] if retriever == "hybrid" else [retriever]
     missing = [n for n in need if n not in have]
     if missing:
@@ -180,7 +211,15 @@ def search_cmd(
     rows = read_jsonl(index_dir / "docs.jsonl")
     ids = [r["id"] for r in rows]
     docs = {r["id"]: r for r in rows}
-    depth = max(k, 100) if retriever == "hybrid" else k
+    depth = max(k, 100) if retriever == "hybrid" else max(k, rerank)
+    original = query
+    backend = _load_lm(lm, lm_url) if rewrite != "none" or rerank else None
+    rewritten = None
+    if rewrite != "none":
+        from tessera.retrieval.rewrite import rewrite_queries
+
+        rewritten = rewrite_queries(backend, [query], rewrite, rewrite_tokens)[0]
+        query = rewritten.text
     runs = []
     if "bm25" in need:
         hits = BM25Index.load(index_dir / "bm25").search(query, depth)
@@ -191,14 +230,29 @@ def search_cmd(
         model = _load_encoder(spec)
         runs.append(dict(dense.search(encode_queries(model, [query]), depth)[0]))
     scores = runs[0] if len(runs) == 1 else fuse([{"q": r} for r in runs], method=fusion, depth=depth)["q"]
+    llm_scores = {}
+    if rerank:
+        from tessera.retrieval.rerank import rerank_run
+
+        def full(d):
+            r = docs.get(d, {})
+            return f"{r.get('title', '')}\n{r.get('text', '')}" if r.get("title") else r.get("text", "")
+
+        new, llm = rerank_run({"q": scores}, {"q": original}, {d: full(d) for d in scores}, backend, top_n=rerank)
+        scores, llm_scores = new["q"], llm.get("q", {})
     results = [{"rank": r, "doc_id": d, "title": docs.get(d, {}).get("title", ""), "score": s}
                for r, (d, s) in enumerate(ranked(scores, k), 1)]
+    for r in results:
+        if r["doc_id"] in llm_scores:
+            r["reranker_p_yes"] = llm_scores[r["doc_id"]]
+    if rewritten is not None:  # on stderr, so --json output stays a plain list
+        ui.info(f"[dim]rewritten query:[/dim] {rewritten.text}")
     if as_json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
         return
     from rich.table import Table
 
-    table = Table(title=f"{retriever}: {query}", title_justify="left")
+    table = Table(title=f"{retriever}{' + rerank' if rerank else ''}: {original}", title_justify="left")
     for col, just in (("#", "right"), ("doc id", "left"), ("title", "left"), ("score", "right")):
         table.add_column(col, justify=just, overflow="fold")
     for r in results:
@@ -221,6 +275,12 @@ def eval_cmd(
     split: str = typer.Option(None, "--split", help="Qrels split (BEIR default test; SciFact default train)."),
     task: str = typer.Option(None, "--task", help="BRIGHT task."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows instead of stopping."),
+    rewrite: str = typer.Option("none", "--rewrite", help="none | reason (ReasonIR: retrieve with the LM's reasoning + expanded query; cached in OUT/rewrites.jsonl)."),
+    rerank: int = typer.Option(0, "--rerank", help="Rerank each query's top N with the LM (P(Yes), 0.5 retriever + 0.5 reranker); 0 = off."),
+    rewrite_tokens: int = typer.Option(128, "--rewrite-tokens", help="Longest rewrite, in tokens."),
+    lm: str = typer.Option("default", "--lm", help=_LM_HELP),
+    lm_url: str = typer.Option(None, "--lm-url", help=_LM_URL_HELP),
+    limit: int = typer.Option(0, "--limit", help="Evaluate only the first N judged queries (0 = all); handy with --rewrite/--rerank on CPU."),
 ):
     """Evaluate a retriever on a collection: writes a TREC run file and a metrics JSON, prints nDCG@10/Recall@100/MRR@10."""
     from tessera import __version__
@@ -234,19 +294,54 @@ def eval_cmd(
     _check_positive(k, "--k")
     _check_positive(batch_size, "--batch-size")
     _check_out_dir(out)
+    _check_tto(rewrite, rerank)
+    if limit < 0:
+        raise InputError(f"--limit must be 0 (all) or a number of queries, got {limit}")
     t = time.perf_counter()
     coll = open_collection(collection, split=split, task=task, skip_bad=skip_bad)
     if not coll.queries:
         raise InputError(f"collection {collection} has no judged queries; check its qrels (and --split)")
+    if limit:
+        import dataclasses
+
+        kept = coll.queries[:limit]
+        coll = dataclasses.replace(coll, queries=kept, qrels={q.id: coll.qrels[q.id] for q in kept})
     timings = {"load_collection_s": time.perf_counter() - t}
     model = _load_encoder(encoder) if retriever != "bm25" else None
+    backend = _load_lm(lm, lm_url) if rewrite != "none" or rerank else None
+    originals = {q.id: q.text for q in coll.queries}
+    tto: dict = {}
+    if rewrite != "none":
+        import dataclasses
+
+        from tessera.data.types import Query
+        from tessera.retrieval.rewrite import RewriteCache, rewrite_stats
+
+        out.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        cache = RewriteCache(out / "rewrites.jsonl", backend.name, rewrite, rewrite_tokens)
+        rws = cache.rewrite(backend, [q.text for q in coll.queries], rewrite, rewrite_tokens)
+        coll = dataclasses.replace(coll, queries=[Query(q.id, r.text, q.excluded_ids) for q, r in zip(coll.queries, rws)])
+        timings["rewrite_s"] = time.perf_counter() - t
+        tto["rewrite"] = {"mode": rewrite, "max_new_tokens": rewrite_tokens, **rewrite_stats(rws)}
     t = time.perf_counter()
-    run = retrieve(coll, retriever, k=k, model=model, batch_size=batch_size, fusion=fusion, spec=encoder)
+    run = retrieve(coll, retriever, k=max(k, rerank), model=model, batch_size=batch_size, fusion=fusion, spec=encoder)
     timings["retrieve_s"] = time.perf_counter() - t
+    if rerank:
+        from tessera.retrieval.metrics import truncate_run
+        from tessera.retrieval.rerank import rerank_run
+
+        t = time.perf_counter()
+        texts = {d.id: d.full_text for d in coll.docs}
+        run, _ = rerank_run(run, originals, texts, backend, top_n=rerank)
+        run = truncate_run(run, k)
+        timings["rerank_s"] = time.perf_counter() - t
+        tto["rerank"] = {"top_n": rerank, "weight_retriever": 0.5, "score": "P(Yes) / (P(Yes) + P(No)), min-max normalised"}
     res = evaluate(run, coll.qrels)
     metrics = {m: res[m] for m in ("ndcg@10", "recall@100", "mrr@10")}
-    tag = f"tessera-{retriever}"
-    doc = {"collection": coll.name, "collection_spec": collection, "retriever": retriever,
+    tag = f"tessera-{retriever}" + (f"-rewrite-{rewrite}" if rewrite != "none" else "") + ("-rerank" if rerank else "")
+    doc = {"collection": coll.name, "collection_spec": collection, "retriever": retriever, **tto,
+           "lm": (lm_url and f"{lm}@{lm_url}" or lm) if backend is not None else None,
            "encoder": encoder if model is not None else None, "fusion": fusion if retriever == "hybrid" else None,
            "k": k, "n_docs": len(coll.docs), "n_queries": res["n_queries"], "n_skipped_rows": coll.n_skipped,
            "scale": "0..1 (x100 for the papers' points)", "metrics": metrics, "timings": {n: round(v, 3) for n, v in timings.items()},
@@ -258,3 +353,78 @@ def eval_cmd(
                  f"nDCG@10 {metrics['ndcg@10']:.4f}  Recall@100 {metrics['recall@100']:.4f}  MRR@10 {metrics['mrr@10']:.4f}  "
                  f"({res['n_queries']} queries, 0..1 scale)")
     ui.out.print(f"wrote {run_path} and {out / 'metrics.json'}")
+
+
+@retrieval_app.command("synth")
+def synth_cmd(
+    corpus: str = typer.Option(..., "--corpus", "-c", help=f"Documents to generate from: {_COLLECTION_OPT} (documents only, never queries), 'python-docs', or a file/folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Training rows (JSONL, appended; ids already there are skipped). Also writes OUT.failures.jsonl and OUT.stats.json."),
+    stages: str = typer.Option("hq", "--stages", help="Comma-separated: hq (hard reasoning queries) and/or vl (varied-length queries)."),
+    limit: int = typer.Option(0, "--limit", help="A seeded random sample of this many documents (0 = all)."),
+    shard: str = typer.Option("0/1", "--shard", help="i/n: this process takes every n-th document from the i-th (run n processes, one --out each)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the document sample, VL lengths and retry sampling."),
+    lm: str = typer.Option("default", "--lm", help="Generator: 'default' (embedded SmolLM2), a folder, or the model name served at --lm-url."),
+    lm_url: str = typer.Option(None, "--lm-url", help=_LM_URL_HELP),
+    concurrency: int = typer.Option(8, "--concurrency", help="Requests in flight to --lm-url."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Local LM batch size (left-padded)."),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="Local LM repetition penalty (keeps small models out of loops)."),
+    llm_negative: bool = typer.Option(False, "--llm-negative", help="Also ask the LM for a hard negative that shares the query's surface but does not help."),
+    min_neg_rank: int = typer.Option(20, "--min-neg-rank", help="BM25 hard negative: the first non-positive at this rank or lower (ReasonIR: 20)."),
+    min_words: int = typer.Option(30, "--min-words", help="Seed filter: drop documents shorter than this."),
+    max_words: int = typer.Option(5000, "--max-words", help="Seed filter: drop documents longer than this."),
+    max_doc_words: int = typer.Option(150, "--max-doc-words", help="Document words shown to the generator."),
+    hq_tokens: int = typer.Option(160, "--hq-tokens", help="Longest HQ reply, in tokens."),
+    vl_tokens: int = typer.Option(256, "--vl-tokens", help="Longest VL reply, in tokens (VL target lengths are scaled to it)."),
+    instruction: str = typer.Option(None, "--instruction", help="Query instruction stored in the rows (default: ReasonIR's generic one)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try ids recorded in OUT.failures.jsonl again."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed corpus rows instead of stopping."),
+):
+    """ReasonIR synthetic data: a reasoning-intensive query per document plus hard negatives, as training rows."""
+    from tessera.retrieval.corpus_index import corpus_documents
+    from tessera.retrieval.search import is_collection_spec, open_collection
+    from tessera.retrieval.synth import (SynthConfig, config_dict, failures_path, parse_shard, seed_documents,
+                                         select_documents, stats_path, synth_stats, synthesize)
+
+    from tessera.retrieval.synth import STAGES
+
+    i, n = parse_shard(shard)
+    stage_list = tuple(s.strip() for s in stages.split(",") if s.strip())
+    if not stage_list or any(s not in STAGES for s in stage_list):
+        raise InputError(f"unknown synthesis stage(s) in --stages {stages!r}; use {', '.join(STAGES)} (comma-separated)")
+    if limit < 0:
+        raise InputError(f"--limit must be 0 (all) or a number of documents, got {limit}")
+    if min_neg_rank < 1:
+        raise InputError(f"--min-neg-rank must be at least 1, got {min_neg_rank}")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; pass a .jsonl file")
+    if is_collection_spec(corpus):
+        docs = open_collection(corpus, skip_bad=skip_bad).docs
+    else:
+        docs = corpus_documents(corpus, skip_bad=skip_bad)[1]
+    if not docs:
+        raise InputError(f"corpus {corpus} has no documents; pass a corpus with text")
+    seeds, counts = seed_documents(docs, min_words=min_words, max_words=max_words)
+    if not seeds:
+        raise InputError(f"no document of {corpus} passes the length filter ({min_words}..{max_words} words); change --min-words/--max-words")
+    chosen = select_documents(seeds, limit or None, (i, n), seed)
+    cfg = SynthConfig(stages=stage_list, seed=seed, llm_negative=llm_negative, min_neg_rank=min_neg_rank,
+                      max_doc_words=max_doc_words, hq_max_new_tokens=hq_tokens, vl_max_new_tokens=vl_tokens,
+                      chunk_size=max(1, 2 * (concurrency if lm_url else batch_size)))
+    if instruction is not None:
+        cfg.instruction = instruction
+    if retry_failed and failures_path(out).is_file():
+        failures_path(out).unlink()
+    from tessera.lm import load_backend
+
+    with ui.status(f"loading {lm}"):
+        backend = load_backend(lm, url=lm_url, batch_size=batch_size, concurrency=concurrency, repetition_penalty=repetition_penalty)
+    with ui.progress() as bar:
+        task = bar.add_task(f"synthesizing ({', '.join(stage_list)})", total=len(chosen) * len(stage_list))
+        run = synthesize(chosen, backend, out, cfg, corpus=seeds, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    stats = synth_stats(out, run, extra={"corpus": corpus, "shard": f"{i}/{n}", "limit": limit or None,
+                                         "seed_documents": counts, "lm": lm if not lm_url else f"{lm}@{lm_url}",
+                                         "config": config_dict(cfg), "backend": backend.stats.to_dict()})
+    ui.out.print(f"{run['written']} rows written, {run['failed']} failed, {run['skipped_finished']} already done; "
+                 f"{stats['rows']} rows in {out} ({stats['failures']} failures recorded); "
+                 f"{run.get('tokens_per_s', 0):.1f} generated tokens/s")
+    ui.out.print(f"stats: {stats_path(out)}")
