@@ -1,0 +1,338 @@
+"""Recipe ``lmfusion-train``: give a frozen pretrained LLM image generation and understanding (LMFusion).
+
+    tessera run lmfusion-train layers=2                      # CPU: SmolLM2's first 2 layers, 8x8 digits
+    tessera run lmfusion-train dataset=mnist layers=4 patch_size=4
+    tessera run lmfusion-train freeze_text=false             # baseline: train the whole pretrained model
+    tessera run lmfusion-train base_model=/path/to/llama steps=20000 batch_size=64 lr=1e-4   # GPU
+
+Top to bottom: the base LLM (``base_model``, default the embedded SmolLM2-135M; ``layers=N`` keeps its
+first N layers) -> :class:`~tessera.models.lmfusion.LMFusionModel` (image modules copied from the text
+modules, BOI/EOI as new rows, linear or U-Net patches) -> captioned digits in both orders
+(:mod:`tessera.models.lmfusion_data`, the mixed-modal captions) -> ``L_LM + 5 L_DDPM`` with frozen text
+modules, through the training loop of :mod:`tessera.train` (AdamW, warm-up + cosine, bf16 autocast on
+GPU) with the training FLOPs measured as executed (:class:`~tessera.models.lmfusion.FlopMeter`) ->
+validation losses -> text-to-image sampling with classifier-free guidance, scored by the mixed-modal
+digit classifier, and image-to-text through the base model's ``generate``, scored by the digit named
+-> proof that the text side is untouched (logits of a freshly loaded base model on WikiText text).
+
+Dump dir: ``config.yaml``, ``metrics.jsonl`` (``kind=train|eval`` rows with ``step``, ``flops``,
+``tokens``), ``checkpoint.pt`` (trainable parameters + optimizer; resumed automatically),
+``classifier.pt``, ``image_modules/`` (the small safetensors file + config naming the base model:
+load with ``LMFusionModel.load``), ``samples.png``, ``results.json``.
+
+Defaults are the paper's where it has one (lambda 5, 1000 DDPM steps with the cosine schedule,
+caption-first 80%, 10% caption dropout for guidance, AdamW betas (0.9, 0.95)); scaled down for CPU:
+steps 300, batch 16, lr 1e-3 (LMFusion trains 8B-scale image modules at 1e-4 for hundreds of
+thousands of steps), 50 sampling steps instead of 250.  GPU users: leave ``layers=0`` (all 30 of
+SmolLM2, or any Llama-family folder / hub id), raise ``steps`` and ``batch_size``, lower ``lr`` to
+1e-4, ``sample_steps=250``; the base runs in bf16 with fp32 image modules under autocast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Config:
+    base_model: str = "default"  # tessera.hub spec: default (SmolLM2-135M), a Llama-family folder or cached hub id
+    layers: int = 0  # use only the first N layers of the base model (0 = all); CPU: 2-4
+    freeze_text: bool = True  # LMFusion; false = baseline "train the whole pretrained model"
+    dataset: str = "digits"  # digits (scikit-learn 8x8, no download) | mnist (../shared/data/mnist, 28x28)
+    mnist_dir: str = ""  # default ../shared/data/mnist
+    text_dir: str = ""  # WikiText-2 folder (valid.txt for text-only sequences, test.txt for the text check)
+    dump_dir: str = "runs/lmfusion-train"
+    seed: int = 0
+    # image side
+    patch_size: int = 0  # 0 -> 2 for digits (16 patches), 4 for MNIST (49 patches)
+    patcher: str = "linear"  # linear | unet
+    unet_channels: int = 32
+    # data
+    caption_first: float = 0.8  # Transfusion: 80% of pairs caption first
+    cond_dropout: float = 0.1  # captions dropped for classifier-free guidance
+    text_fraction: float = 0.0  # text-only sequences (no gradient when the text side is frozen)
+    n_val_images: int = 300
+    # objective
+    diffusion_lambda: float = 5.0  # Transfusion / LMFusion lambda
+    understanding_max_t: int = 500  # noise cap for image-first (understanding) pairs
+    # optimisation
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # logging, evaluation, checkpoints
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    resume: bool = True
+    final_eval: bool = True
+    sample_per_class: int = 5
+    sample_steps: int = 50  # sampling steps (Transfusion: 250 DDPM steps; scaled down for CPU)
+    sampler: str = "ddim"  # ddim (deterministic, good at few steps) | ddpm (Transfusion's ancestral sampler)
+    guidance_scale: float = 3.0  # classifier-free guidance (1 = none)
+    n_caption_eval: int = 100
+    caption_tokens: int = 8
+    classifier_steps: int = 600
+    text_check_tokens: int = 256
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    device: str = ""  # "" = CUDA when present, else CPU
+
+
+def _wikitext_dir(cfg: Config) -> Path | None:
+    from tessera.data.paths import shared_data_dir
+    from tessera.errors import InputError
+
+    if cfg.text_dir:
+        root = Path(cfg.text_dir)
+        if not (root / "test.txt").is_file():
+            raise InputError(f"{cfg.text_dir} has no WikiText-2 test.txt; pass the wikitext2 folder")
+        return root
+    root = shared_data_dir()
+    return root / "wikitext2" if root is not None and (root / "wikitext2" / "test.txt").is_file() else None
+
+
+def text_for(cfg: Config, split: str) -> str:
+    """WikiText-2 ``split`` (valid/test) text, or Python's docs when WikiText-2 is absent."""
+    from tessera.data.text import python_docs_corpus, read_wikitext
+
+    root = _wikitext_dir(cfg)
+    if root is not None and (root / f"{split}.txt").is_file():
+        return "\n".join(d.text for d in read_wikitext(root / f"{split}.txt"))
+    docs = [d.text for d in python_docs_corpus()]
+    return "\n".join(docs[: len(docs) // 2] if split == "valid" else docs[len(docs) // 2:])
+
+
+def build(cfg: Config, device: str):
+    """``(model, objective, tokenizer, train_data, val_data, train_idx, val_idx)``."""
+    import numpy as np
+    import torch
+
+    from tessera.data.mixed_modal import load_image_set, split_indices
+    from tessera.data.paths import shared_data_dir
+    from tessera.models.lmfusion import LMFusionConfig, LMFusionLM, LMFusionModel, load_base
+    from tessera.models.lmfusion_data import LMFusionData
+
+    mnist_dir = cfg.mnist_dir or (str(shared_data_dir() / "mnist") if shared_data_dir() else None)
+    images, labels = load_image_set(cfg.dataset, mnist_dir)
+    train_idx, val_idx = split_indices(len(images), cfg.n_val_images, seed=0)
+    patch = cfg.patch_size or (2 if cfg.dataset == "digits" else 4)
+    H, W = images.shape[1:]
+    base, tok = load_base(cfg.base_model, cfg.layers, device=device)
+    torch.manual_seed(cfg.seed)
+    mcfg = LMFusionConfig(base_model=cfg.base_model, layers=cfg.layers, image_height=H, image_width=W,
+                          patch_size=patch, patcher=cfg.patcher, unet_channels=cfg.unet_channels,
+                          freeze_text=cfg.freeze_text)
+    model = LMFusionModel(base, mcfg)
+    text_tokens = None
+    if cfg.text_fraction > 0:
+        text_tokens = np.asarray(tok(text_for(cfg, "valid"), add_special_tokens=False).input_ids, dtype=np.int64)
+    common = dict(patch_size=patch, caption_first=cfg.caption_first, cond_dropout=cfg.cond_dropout,
+                  text_fraction=cfg.text_fraction, text_tokens=text_tokens)
+    train = LMFusionData(tok, images, labels, model.cfg.boi_id, model.cfg.eoi_id, **common)
+    val = LMFusionData(tok, images, labels, model.cfg.boi_id, model.cfg.eoi_id, **common)
+    objective = LMFusionLM(model, cfg.diffusion_lambda, cfg.understanding_max_t)
+    return model, objective, tok, train, val, train_idx, val_idx
+
+
+def evaluate(objective, batches: list[dict], device: str, seed: int = 0) -> dict:
+    """Mean validation losses over fixed batches (fixed noise and timesteps via ``seed``)."""
+    import torch
+
+    was = objective.training
+    objective.eval()
+    g = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for b in batches:
+            out = objective({k: v.to(device) for k, v in b.items()}, generator=g)
+            for k in ("text_loss", "image_loss", "model_loss"):
+                sums[k] = sums.get(k, 0.0) + float(out[k])
+    objective.train(was)
+    return {f"val_{k}": round(v / len(batches), 5) for k, v in sums.items()}
+
+
+def generation_accuracy(model, tok, classifier, per_class: int, steps: int, guidance_scale: float, seed: int = 0,
+                        template: str | None = None, sampler: str = "ddim"):
+    """Conditional generation accuracy: ``per_class`` images per digit from a caption, judged by ``classifier``."""
+    import torch
+
+    from tessera.data.mixed_modal import CAPTION_TEMPLATES, caption_for
+    from tessera.models.lmfusion import generate_images
+
+    labels = [d for d in range(10) for _ in range(per_class)]
+    caps = [caption_for(d, template or CAPTION_TEMPLATES[0]) for d in labels]
+    images = generate_images(model, tok, caps, guidance_scale, steps, torch.Generator().manual_seed(seed), sampler=sampler)
+    pred = classifier.predict(images)
+    return float((pred == torch.tensor(labels)).float().mean()), images, labels
+
+
+def understanding_accuracy(model, tok, images, labels, max_new_tokens: int = 8) -> tuple[float, list[dict]]:
+    """Fraction of images whose greedy caption (through the base model's ``generate``) names the right digit."""
+    import torch
+
+    from tessera.data.mixed_modal import parse_digit
+    from tessera.models.lmfusion import caption_images
+
+    caps = caption_images(model, tok, torch.as_tensor(images), max_new_tokens=max_new_tokens)
+    rows = [{"label": int(y), "caption": c, "parsed": parse_digit(c)} for c, y in zip(caps, labels)]
+    return sum(r["parsed"] == r["label"] for r in rows) / max(len(rows), 1), rows
+
+
+def text_side_check(model, cfg: Config, tok, device: str) -> dict:
+    """Logits of the fused model vs a freshly loaded copy of the base model on WikiText-2 test text."""
+    import torch
+
+    from tessera.models.lmfusion import load_base
+
+    ref, _ = load_base(cfg.base_model, cfg.layers, device=device)
+    ids = torch.tensor([tok(text_for(cfg, "test")[:20000], add_special_tokens=False).input_ids[:cfg.text_check_tokens]],
+                       device=device)
+    with torch.no_grad():
+        a, b = model.logits(ids), ref(ids).logits
+    del ref
+    return {"tokens": int(ids.shape[1]), "bit_identical": bool(torch.equal(a, b)),
+            "max_abs_logit_diff": float((a.float() - b.float()).abs().max())}
+
+
+def _save_ckpt(path: Path, model, opt, state) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"trainable": trainable, "optimizer": opt.state_dict(), "state": state.to_dict()}, tmp)
+    tmp.replace(path)
+
+
+def _load_ckpt(path: Path, model, opt):
+    import torch
+
+    from tessera.train import LoopState
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in ck["trainable"].items():
+            params[n].copy_(v)
+    opt.load_state_dict(ck["optimizer"])
+    return LoopState(**ck["state"])
+
+
+def main(cfg: Config) -> Path:
+    import numpy as np
+    import torch
+
+    from tessera import ui
+    from tessera.config import DumpDir, atomic_write_text
+    from tessera.errors import InputError
+    from tessera.models.lmfusion import PATCHERS, FlopMeter
+    from tessera.recipes.mixed_modal_pretrain import get_classifier, save_samples_png
+    from tessera.train import LoopState, cosine_lr, init_distributed, train_loop, wrap_model
+
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise InputError("steps and batch_size must be >= 1")
+    if cfg.sampler not in ("ddim", "ddpm"):
+        raise InputError(f"unknown sampler {cfg.sampler!r}; use ddim or ddpm")
+    if cfg.dataset not in ("digits", "mnist"):
+        raise InputError(f"unknown dataset {cfg.dataset!r}; use digits or mnist")
+    if cfg.patcher not in PATCHERS:
+        raise InputError(f"unknown patcher {cfg.patcher!r}; use linear or unet")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = init_distributed(cfg.device)
+    dump_path = Path(cfg.dump_dir)
+
+    # 1. base LLM + image modules, data (nothing is written before these load), the judge classifier
+    model, objective, tok, train_data, val_data, train_idx, val_idx = build(cfg, info.device)
+    dump_path.mkdir(parents=True, exist_ok=True)
+    clf, clf_acc = get_classifier(cfg, train_data, train_idx, val_idx, dump_path if info.is_main else None)
+    dump = DumpDir(dump_path, cfg) if info.is_main else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+
+    # 2. resume
+    ckpt = dump_path / "checkpoint.pt"
+    state = LoopState()
+    if cfg.resume and ckpt.is_file():
+        state = _load_ckpt(ckpt, model, opt)
+        if info.is_main:
+            mpath = dump_path / "metrics.jsonl"
+            if mpath.is_file():
+                rows = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= state.step]
+                atomic_write_text(mpath, "".join(r + "\n" for r in rows))
+        ui.info(f"resumed from {ckpt} at step {state.step}")
+    elif info.is_main:
+        (dump_path / "metrics.jsonl").unlink(missing_ok=True)
+    net = wrap_model(objective, info, "ddp" if info.world_size > 1 else "none", find_unused_parameters=True)
+
+    # 3. train, with the FLOPs that really run (frozen modules: no weight gradients)
+    val_rng = np.random.default_rng(12345)
+    val_batches = [val_data.batch(cfg.batch_size, val_rng, val_idx) for _ in range(cfg.eval_batches)]
+    meter = FlopMeter()
+
+    def get_batch(step: int) -> dict:
+        return train_data.batch(cfg.batch_size, np.random.default_rng([cfg.seed, info.rank, step]), train_idx)
+
+    def run_eval(step: int) -> None:
+        row = evaluate(objective, val_batches, info.device, seed=cfg.seed)
+        meter.skip()
+        if dump:
+            dump.log(kind="eval", step=step, flops=state.flops, tokens=state.tokens, **row)
+
+    bar = ui.progress()
+    task = bar.add_task("lmfusion" if cfg.freeze_text else "unfrozen", total=cfg.steps, completed=state.step)
+
+    def on_step(st: LoopState, logs: dict, dt: float) -> None:
+        bar.update(task, completed=st.step)
+        if dump and (st.step % cfg.log_every == 0 or st.step == 1):
+            dump.log(kind="train", step=st.step, flops=st.flops, tokens=st.tokens, step_s=round(dt, 4),
+                     lr=opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in logs.items()})
+        if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
+            run_eval(st.step)
+        if info.is_main and (st.step % cfg.ckpt_every == 0 or st.step == cfg.steps):
+            _save_ckpt(ckpt, model, opt, st)
+
+    with meter:
+        if state.step == 0:
+            run_eval(0)
+        with bar:
+            state = train_loop(net, opt, get_batch, cfg.steps, state, info, flops_fn=lambda b: meter.delta(),
+                               lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
+                               grad_clip=cfg.grad_clip, on_step=on_step)
+
+    # 4. final evaluation
+    n_params = model.num_params()
+    results: dict = {"freeze_text": cfg.freeze_text, "base_model": cfg.base_model, "layers": model.cfg.layers,
+                     "dataset": cfg.dataset, "patcher": cfg.patcher, "params": n_params, "model_config": model.cfg.to_dict(),
+                     "classifier_val_accuracy": round(clf_acc, 4), "steps": state.step, "train_flops": state.flops,
+                     "train_tokens": state.tokens, "world_size": info.world_size}
+    times = state.step_times[5:] or state.step_times
+    results["median_step_s"] = float(np.median(times)) if times else None
+    results["val"] = evaluate(objective, val_batches, info.device, seed=cfg.seed)
+    if info.is_main:
+        model.save_image_modules(dump_path / "image_modules", tok)
+        results["text_side"] = text_side_check(model, cfg, tok, info.device)
+    if cfg.final_eval and info.is_main:
+        acc, imgs, labs = generation_accuracy(model, tok, clf, cfg.sample_per_class, cfg.sample_steps,
+                                              cfg.guidance_scale, cfg.seed, sampler=cfg.sampler)
+        results["generation_accuracy"] = round(acc, 4)
+        results["guidance_scale"] = cfg.guidance_scale
+        sel = val_idx[:cfg.n_caption_eval]
+        u_acc, rows = understanding_accuracy(model, tok, val_data.images[sel], val_data.labels[sel], cfg.caption_tokens)
+        results["understanding_accuracy"] = round(u_acc, 4)
+        results["caption_examples"] = rows[:5]
+        save_samples_png(imgs, labs, dump_path / "samples.png",
+                         f"LMFusion ({'frozen text' if cfg.freeze_text else 'unfrozen'}) generation accuracy {acc:.2f}")
+    if dump:
+        dump.write_results(results)
+        summary = {k: results.get(k) for k in ("val", "generation_accuracy", "understanding_accuracy")}
+        ui.info(f"lmfusion-train: {json.dumps(summary)}")
+    return dump_path
+
+
+__all__ = ["Config", "main", "build", "evaluate", "generation_accuracy", "understanding_accuracy", "text_side_check"]
