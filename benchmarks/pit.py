@@ -1,0 +1,220 @@
+"""PIT benchmark: every schedule on the biography testbed, and a real-model run with SmolLM2.
+
+1. From-scratch study: a small Llama (hidden 128, 2 layers, 150 people, a BPE vocabulary trained on the
+   run's documents) trained from scratch through schedules 1, 2, 4, 5, 6, 7, 8 at equal token
+   budgets (every schedule scaled to schedule 2's token count), three seeds (a seed changes the
+   people, the split, the initial weights and the shuffling); mean and spread of test EM.
+2. Real model: the embedded SmolLM2-135M-Instruct learns new people (60 by default: the issue asks
+   for a few hundred, which does not fit this CPU's budget - ``--real n_people=300 ...`` does it), standard
+   instruction-tuning (2) against PIT (7), one seed, with closed-book and open-book references.
+
+Goal (issue #10): PIT (7) beats standard instruction-tuning (2) by at least 15 exact-match points
+(the paper: +17.8 with Llama-2 7B).  Both runs are checked and recorded separately.
+
+Scaled down for a shared 2-core CPU (recorded in the JSON): few people, short training, the
+real model trains only its top blocks (``trainable_top_layers``) on three of the six attributes.
+Runs resume: every schedule's result is appended under ``--work`` as it finishes.
+
+Where the CPU budget is the limit (the measured figures and why the goal is missed are in the JSON and
+benchmarks/README.md), the paper-sized real run on a GPU is
+``python benchmarks/pit.py --skip-tiny --real lm=default n_people=300 doc_epochs=10 qa_epochs=3 doc_lr=3e-5
+qa_lr=5e-6 trainable_top_layers=0 batch_size=16 keep_qa=64``.
+
+Usage: python benchmarks/pit.py [--threads 1] [--seeds 0,1,2] [--skip-real] [--skip-tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TESSERA_QUIET", "1")
+
+GOAL_POINTS = 15.0
+PAPER = {"llama2_7b_wiki2023_em": {"2": 30.3, "4": 39.4, "7": 45.4, "8": 48.1}, "pit_plus_plus_gain": 17.8,
+         "bioS_continued_pretraining_vs_pit": [29.6, 58.1]}
+
+
+def write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run(overrides: list[str]) -> dict:
+    from tessera.config import load_config
+    from tessera.recipes import pit
+
+    cfg = load_config(pit.Config, None, overrides)
+    out = pit.main(cfg)
+    return json.loads((out / "results.json").read_text())
+
+
+def spread(xs: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(xs), 2), "std": round(statistics.stdev(xs), 2) if len(xs) > 1 else 0.0,
+            "min": round(min(xs), 2), "max": round(max(xs), 2), "values": [round(x, 2) for x in xs]}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    out = {}
+    for number in [r["schedule"] for r in per_seed[0]["schedules"]]:
+        rows = [next(r for r in res["schedules"] if r["schedule"] == number) for res in per_seed]
+        attrs = sorted(rows[0]["test"]["per_attribute"])
+        out[str(number)] = {
+            "name": rows[0]["name"], "test_em": spread([r["test"]["em"] for r in rows]),
+            "test_recall": spread([r["test"]["recall"] for r in rows]),
+            "train_qa_em": spread([r["train_qa"]["em"] for r in rows]) if rows[0]["train_qa"] else None,
+            "per_attribute_em": {a: round(statistics.fmean(r["test"]["per_attribute"][a]["em"] for r in rows), 2) for a in attrs},
+            "tokens": [r["plan"]["tokens"] for r in rows], "seconds": [round(r["seconds"], 1) for r in rows],
+            "stages": rows[0]["plan"]["stages"],
+        }
+    return out
+
+
+def above_floor(schedules: dict, floor: float, margin: float = 2.0) -> list[str]:
+    """Schedules whose mean test EM beats always answering the most frequent train answer by ``margin`` points."""
+    return [k for k, v in schedules.items() if v["test_em"]["mean"] > floor + margin]
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in results if (p == "tiny" or p.startswith("real")) and "schedules" in results[p]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [3 if p == "tiny" else 1.4 for p in panels]})
+    for ax, p in zip(axes[0], panels):
+        sch = results[p]["schedules"]
+        keys = list(sch)
+        means = [sch[k]["test_em"]["mean"] for k in keys]
+        errs = [sch[k]["test_em"]["std"] for k in keys]
+        colors = ["tab:orange" if k in ("7", "8") else "tab:gray" if k == "2" else "tab:blue" for k in keys]
+        ax.bar(range(len(keys)), means, yerr=errs, capsize=3, color=colors)
+        ax.set_xticks(range(len(keys)), [f"({k}) {sch[k]['name']}" for k in keys], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("test EM (%)")
+        refs = results[p].get("references", {})
+        if refs.get("open_book") is not None:
+            ax.axhline(refs["open_book"], ls="--", color="tab:green", lw=1, label=f"open-book ref. {refs['open_book']:.1f}")
+        maj = refs.get("majority_answer")
+        if maj is not None:
+            maj = maj["mean"] if isinstance(maj, dict) else maj
+            ax.axhline(maj, ls=":", color="tab:red", lw=1, label=f"majority answer {maj:.1f}")
+        if refs:
+            ax.legend(fontsize=7)
+        ax.set_title(results[p]["title"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--schedules", default="1,2,4,5,6,7,8")
+    ap.add_argument("--tiny", nargs="*", default=[
+        "n_people=150", "tiny_hidden=128", "tiny_layers=2", "tiny_vocab=2048", "doc_epochs=12", "qa_epochs=4",
+        "doc_lr=3e-3", "qa_lr=3e-3", "batch_size=32", "keep_qa=32", "eval_train_qa=120"],
+        help="key=value overrides of the pit recipe for the from-scratch study")
+    ap.add_argument("--real", nargs="*", default=[
+        "lm=default", "n_people=60", "attributes=[birth_city,university,employer]", "trainable_top_layers=8",
+        "doc_epochs=6", "qa_epochs=2", "doc_lr=3e-4", "qa_lr=1e-4", "batch_size=4", "keep_qa=16", "eval_train_qa=45"],
+        help="key=value overrides of the pit recipe for the SmolLM2 run (schedules 2 and 7)")
+    ap.add_argument("--real-tag", default="", help="store the real-model run as results['real_TAG'] (a second configuration)")
+    ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--work", default="/tmp/tessera-pit-bench", help="dump dirs (resumable)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pit.json"))
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+
+    from tessera import __version__
+
+    torch.set_num_threads(args.threads)
+    out_path = Path(args.out)
+    results: dict = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results.update({
+        "benchmark": "pit",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg()},
+        "versions": {"tessera": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "command": " ".join(sys.argv), "goal": f"PIT (7) - standard (2) >= {GOAL_POINTS} test EM points", "paper": PAPER,
+    })
+    t0 = time.perf_counter()
+    common = [f"threads={args.threads}"]
+    if not args.skip_tiny:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        per_seed = []
+        for s in seeds:
+            per_seed.append(run([*args.tiny, *common, f"seed={s}", f"schedules=[{args.schedules}]",
+                                 f"dump_dir={args.work}/tiny-seed{s}"]))
+            print(f"tiny seed {s}: " + ", ".join(f"({r['schedule']}) {r['test']['em']:.1f}" for r in per_seed[-1]["schedules"]), flush=True)
+        sch = aggregate(per_seed)
+        refs = [r["references"] for r in per_seed if r["references"]]
+        gain = sch["7"]["test_em"]["mean"] - sch["2"]["test_em"]["mean"] if "7" in sch and "2" in sch else None
+        floor = statistics.fmean(r["references"]["majority_answer"]["em"] for r in per_seed)
+        results["tiny"] = {
+            "schedules_above_majority_floor_by_2_points": above_floor(sch, floor),
+            "title": f"from-scratch Llama ({per_seed[0]['model']['parameters'] / 1e6:.1f}M params), {len(seeds)} seeds, "
+                     f"{per_seed[0]['data']['test_qa']} test questions",
+            "overrides": args.tiny, "seeds": seeds, "model": per_seed[0]["model"], "data": per_seed[0]["data"],
+            "budget_tokens": [r["budget_tokens"] for r in per_seed], "schedules": sch,
+            "references": {"closed_book": statistics.fmean(r["closed_book"]["em"] for r in refs),
+                           "open_book": statistics.fmean(r["open_book"]["em"] for r in refs),
+                           "majority_answer": spread([r["references"]["majority_answer"]["em"] for r in per_seed])} if refs else {},
+            "chance_em_note": "references.majority_answer = always answering the most frequent train answer of the attribute",
+            "pit_minus_standard_em": round(gain, 2) if gain is not None else None,
+            "pit_plus_plus_minus_standard_em": round(sch["8"]["test_em"]["mean"] - sch["2"]["test_em"]["mean"], 2)
+            if "8" in sch and "2" in sch else None,
+            "goal_met": bool(gain is not None and gain >= GOAL_POINTS),
+            "seconds": round(sum(sum(r["seconds"] for r in res["schedules"]) for res in per_seed), 1),
+        }
+        write(results, out_path)
+    if not args.skip_real:
+        key = f"real_{args.real_tag}" if args.real_tag else "real"
+        res = run([*args.real, *common, "seed=0", "schedules=[2,7]", f"dump_dir={args.work}/{key}"])
+        sch = aggregate([res])
+        gain = sch["7"]["test_em"]["mean"] - sch["2"]["test_em"]["mean"]
+        results[key] = {
+            "schedules_above_majority_floor_by_2_points": above_floor(sch, res["references"]["majority_answer"]["em"]),
+            "title": f"SmolLM2-135M-Instruct, {res['data']['entities']} new people, {res['data']['test_qa']} test questions, "
+                     f"{res['config']['doc_epochs']:g} doc epochs",
+            "overrides": args.real, "model": res["model"], "data": res["data"], "budget_tokens": res["budget_tokens"],
+            "schedules": sch, "trainable_parameters": res["schedules"][0]["trainable_parameters"],
+            "references": {"closed_book": res["references"]["closed_book"]["em"], "open_book": res["references"]["open_book"]["em"],
+                           "majority_answer": res["references"]["majority_answer"]["em"],
+                           "closed_book_detail": res["references"]["closed_book"], "open_book_detail": res["references"]["open_book"]}
+            if res["references"] else {},
+            "examples": {str(r["schedule"]): r["test"]["examples"][:6] for r in res["schedules"]},
+            "pit_minus_standard_em": round(gain, 2), "goal_met": bool(gain >= GOAL_POINTS),
+            "seconds": round(sum(r["seconds"] for r in res["schedules"]) + (res["references"] or {}).get("seconds", 0.0), 1),
+        }
+        write(results, out_path)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)  # resumed runs reuse finished schedules
+    results.pop("wall_s", None)
+    write(results, out_path)
+    plot(results, out_path.with_suffix(".png"))
+    for p in [k for k in results if k == "tiny" or k.startswith("real")]:
+        if "schedules" in results[p]:
+            print(p, {k: v["test_em"]["mean"] for k, v in results[p]["schedules"].items()},
+                  "PIT-standard", results[p]["pit_minus_standard_em"], "goal met" if results[p]["goal_met"] else "goal MISSED")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Knowledge QA evaluation: greedy answers, normalized exact match, answer recall, per attribute.
+
+PIT (section 2, "Evaluation metrics"): greedy decoding; exact match (EM) after lower-casing and
+removing articles, punctuation and extra whitespace (the SQuAD normalization); answer recall =
+the share of the gold answer's normalized tokens found in the prediction.  Closed-book: the
+question alone; open-book: the entity's document before the question (the paper's reference
+that shows how much a model could answer when the knowledge is in context).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+
+from tessera.knowledge.format import prompt_ids
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD)."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def answer_recall(prediction: str, gold: str) -> float:
+    """Share of the gold answer's normalized tokens present in the prediction (multiset)."""
+    gold_toks = normalize_answer(gold).split()
+    if not gold_toks:
+        return float(not normalize_answer(prediction))
+    pred = defaultdict(int)
+    for t in normalize_answer(prediction).split():
+        pred[t] += 1
+    hit = 0
+    for t in gold_toks:
+        if pred[t] > 0:
+            pred[t] -= 1
+            hit += 1
+    return hit / len(gold_toks)
+
+
+def clean_generation(text: str) -> str:
+    """The answer is the first line of the generation (the model may continue with a new question)."""
+    text = text.strip()
+    for stop in ("\n", "Question:"):
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
+    """Greedy answers for token-id prompts, in left-padded batches."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        n = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), n), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = prompts[i]
+            ids[r, n - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, n - len(p):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for r, i in enumerate(idx):
+            answers[i] = clean_generation(tokenizer.decode(out[r, n:], skip_special_tokens=True))
+    return answers
+
+
+def evaluate_qa(model, tokenizer, qa: list, *, qa_format: str = "plain", contexts: dict[str, str] | None = None,
+                max_new_tokens: int = 16, batch_size: int = 64) -> dict:
+    """EM and answer recall (in %) over ``qa`` (KnowledgeQA rows), overall and per attribute.
+
+    ``contexts`` maps an entity (``doc_id``) to its document for open-book answering.
+    """
+    prompts = [prompt_ids(tokenizer, q.question, (contexts or {}).get(q.doc_id), qa_format) for q in qa]
+    preds = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows = [{"id": q.id, "attribute": q.attribute, "answer": q.answer, "prediction": p,
+             "em": exact_match(p, q.answer), "recall": answer_recall(p, q.answer)} for q, p in zip(qa, preds)]
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> dict:
+    def agg(rs):
+        n = len(rs)
+        return {"em": 100 * sum(r["em"] for r in rs) / n if n else 0.0,
+                "recall": 100 * sum(r["recall"] for r in rs) / n if n else 0.0, "n": n}
+
+    by_attr: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by_attr[r["attribute"] or "-"].append(r)
+    return {**agg(rows), "per_attribute": {a: agg(rs) for a, rs in sorted(by_attr.items())}, "rows": rows}
+
+
+def majority_baseline(train_qa: list, test_qa: list) -> dict:
+    """EM of always answering an attribute's most frequent *train* answer: the floor a model reaches
+    without knowing anything about the test entities (an empty attribute is one group)."""
+    from collections import Counter
+
+    top: dict[str, str] = {}
+    for attr in {q.attribute for q in train_qa}:
+        top[attr] = Counter(q.answer for q in train_qa if q.attribute == attr).most_common(1)[0][0]
+    rows = [{"id": q.id, "attribute": q.attribute, "answer": q.answer, "prediction": top.get(q.attribute, ""),
+             "em": exact_match(top.get(q.attribute, ""), q.answer), "recall": answer_recall(top.get(q.attribute, ""), q.answer)}
+            for q in test_qa]
+    return summarize(rows)
