@@ -31,23 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def curve(run_dir: Path, key: str = "val_image_loss", routing: str | None = None) -> list[dict]:
@@ -170,6 +162,8 @@ def figure(runs: dict, out_png: Path, title: str) -> None:
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
+    from tessera.config import atomic_savefig
+
     names = [n for n in runs if (Path(runs[n]["dump_dir"]) / "samples.png").is_file()]
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 5.2))
     for ax, n in zip(axes, names):
@@ -188,10 +182,7 @@ def figure(runs: dict, out_png: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    atomic_savefig(fig, out_png, dpi=90)
 
 
 def main() -> None:
@@ -246,9 +237,7 @@ def main() -> None:
                      resume=False, dump_dir=str(work / "transfusion"))
 
     results: dict = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "load_average_at_start": os.getloadavg()},
+        "machine": machine(),
         "versions": {"tessera": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "diffusers": diffusers.__version__},
         "config": {"args": vars(args), "command": " ".join(sys.argv), "base_model": "SmolLM2-135M-Instruct (embedded)",
@@ -267,7 +256,7 @@ def main() -> None:
                                  "lmfusion_over_unfrozen": f_lmf / f_a}
     results["steps"] = steps
     results["flops_budget"] = budget
-    write(results, out_path)
+    write_json(results, out_path)
     print(f"FLOPs/step lmfusion {f_lmf:.3g} unfrozen {f_a:.3g} transfusion {f_b:.3g}; steps {steps}", flush=True)
 
     # 2. training runs
@@ -288,7 +277,7 @@ def main() -> None:
                       "caption_examples": res["caption_examples"], "classifier_val_accuracy": res["classifier_val_accuracy"],
                       "curve": curve(Path(cfg.dump_dir))}
         results["runs"] = runs
-        write(results, out_path)
+        write_json(results, out_path)
     if not args.skip_b:
         tcfg.steps = steps["transfusion"]
         if not (args.reuse and (Path(tcfg.dump_dir) / "results.json").is_file()):
@@ -306,7 +295,7 @@ def main() -> None:
                                "understanding_accuracy": res["captioning"]["batch"], "guidance_scale": 1.0,
                                "caption_examples": res.get("caption_examples", {}).get("batch", [])[:3],
                                "classifier_val_accuracy": res["classifier_val_accuracy"], "curve": c}
-        write(results, out_path)
+        write_json(results, out_path)
 
     # 3. generation without guidance for the LMFusion-style models (like-for-like with (b))
     from tessera.models.classifier import DigitClassifier
@@ -320,7 +309,7 @@ def main() -> None:
                                           sampler=args.sampler)
         runs[name]["generation_accuracy_no_guidance"] = round(acc, 4)
         del model
-    write(results, out_path)
+    write_json(results, out_path)
 
     # 4. text side: WikiText-2 test perplexity (fresh base, LMFusion, (a)) and bits per byte ((b) too)
     text, text_path = wikitext_test_text()
@@ -358,7 +347,7 @@ def main() -> None:
             "logits_bit_identical_to_base": same}
         del full, fused_full
     results["text_side"] = text_side
-    write(results, out_path)
+    write_json(results, out_path)
 
     # 5. figures and goals
     a_final = runs["unfrozen"]["curve"][-1]["val_image_loss"]
@@ -392,7 +381,7 @@ def main() -> None:
         "reaches_unfrozen_image_quality_with_le_half_flops": {"met": frac is not None and frac <= 0.5, "measured": frac},
     }
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    write(results, out_path)
+    write_json(results, out_path)
     figure(runs, out_path.with_suffix(".png"),
            f"SmolLM2 first {args.layers} layers, 8x8 digits, equal training FLOPs ({budget / 1e12:.1f}e12)")
     print(json.dumps({"figures": results["figures"], "goals": results["goals"]}, indent=1))

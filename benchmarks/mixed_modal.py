@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,13 +49,6 @@ VARIANTS = {  # name -> recipe overrides
     "moma_4t4i_mod": {"variant": "moma_mod", "n_text_experts": 4, "n_image_experts": 4},
 }
 LOSSES = {"image": "val_image_loss", "text": "val_text_loss", "total": "val_model_loss"}
-
-
-def write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def eval_curve(run_dir: Path, routing: str = "batch") -> list[dict]:
@@ -111,6 +104,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tessera.config import atomic_savefig
+
     settings = list(results["settings"])
     fig, axes = plt.subplots(len(settings), 2, figsize=(11, 4 * len(settings)), squeeze=False)
     for i, s in enumerate(settings):
@@ -125,10 +120,7 @@ def plot(results: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=90)
 
 
 def main() -> None:
@@ -162,9 +154,7 @@ def main() -> None:
                     eval_every=args.eval_every, eval_batches=4, ckpt_every=10**9, log_every=25, sample_per_class=4,
                     n_caption_eval=60, sample_steps=50, classifier_steps=600, lr=3e-3, warmup_steps=20)
     results: dict = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "load_average_at_start": os.getloadavg()},
+        "machine": machine(),
         "versions": {"tessera": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         "config": {"base": base_cfg, "variants": {n: VARIANTS[n] for n in names}, "seeds": seeds,
                    "args": vars(args), "command": " ".join(sys.argv)},
@@ -194,7 +184,7 @@ def main() -> None:
                 "captioning_accuracy": res.get("captioning"), "classifier_val_accuracy": res["classifier_val_accuracy"],
                 "curve": eval_curve(run_dir), "curve_aux": eval_curve(run_dir, "aux") or None,
             }
-            write(results, out_path)
+            write_json(results, out_path)
         # figures against dense of the same seed
         runs = S["runs"]
         if "dense" in runs:
@@ -226,7 +216,7 @@ def main() -> None:
                     figs[n]["n_seeds"] = len(allf)
             S["vs_dense"] = figs
         S["timing"] = timing_phase(setting, names, {k: v for k, v in base_cfg.items()}, args.timing_steps, args.timing_rounds)
-        write(results, out_path)
+        write_json(results, out_path)
         plot(results, out_path.with_suffix(".png"))
 
     # goals
@@ -253,7 +243,7 @@ def main() -> None:
     results["goals"] = goals
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
-    write(results, out_path)
+    write_json(results, out_path)
     plot(results, out_path.with_suffix(".png"))
     print(json.dumps(goals, indent=1))
 

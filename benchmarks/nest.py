@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from tessera.data.paths import shared_data_dir
 from tessera.data.text import read_wikitext
 from tessera.lm import LocalLM
 from tessera.retrieval.corpus_index import CorpusIndex
+from _common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -105,13 +105,6 @@ def summarize(rows: list[dict], methods: list[str], base: str) -> dict:
                    if m in r["methods"] and r["methods"][base]["tokens_per_s"] > 0]
             d["speedup_over_" + base + "_median_per_prompt"] = round(statistics.median(per), 3) if per else None
     return out
-
-
-def write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def wikitext_task(args, lm, cfg, scorer, results, out_path) -> None:
@@ -179,7 +172,7 @@ def wikitext_task(args, lm, cfg, scorer, results, out_path) -> None:
             "warm_load_s_mean": round(statistics.mean(r["keys"]["warm_load_s"] for r in rows), 4),
             "datastore_tokens_mean": round(statistics.mean(r["datastore_tokens"] for r in rows), 1),
         }
-        write(results, out_path)
+        write_json(results, out_path, ensure_ascii=False)
 
 
 def python_docs_task(args, lm, cfg, scorer, results, out_path) -> None:
@@ -218,7 +211,7 @@ def python_docs_task(args, lm, cfg, scorer, results, out_path) -> None:
         print(f"[python-docs {qi + 1}] {q!r}: rag {r['tokens_per_s']:.1f} tok/s | nest {n['tokens_per_s']:.1f} tok/s "
               f"attr {n['attribution_ratio']:.2f} agree {n['rougeL_vs_rag']:.2f}", flush=True)
         section["summary"] = summarize(rows, methods, "rag")
-        write(results, out_path)
+        write_json(results, out_path, ensure_ascii=False)
 
 
 def main() -> None:
@@ -247,9 +240,7 @@ def main() -> None:
     out_path = Path(args.out)
     results: dict = {
         "benchmark": "nest",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "load_average_at_start": os.getloadavg()},
+        "machine": machine(),
         "versions": {"tessera": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "config": {"lm": "default (SmolLM2-135M-Instruct, fp32, CPU)", "nest": cfg.__dict__, "knn_lm_lambda": N.KNN_LM_LAMBDA,
                    "args": vars(args), "command": " ".join(sys.argv)},
@@ -263,7 +254,7 @@ def main() -> None:
         python_docs_task(args, lm, cfg, scorer, results, out_path)
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["wall_s"] = round(time.perf_counter() - t0, 1)
-    write(results, out_path)
+    write_json(results, out_path, ensure_ascii=False)
     for task in ("wikitext", "python_docs"):
         if "summary" in results.get(task, {}):
             print(task, json.dumps(results[task]["summary"], indent=1))

@@ -30,7 +30,6 @@ Usage: nice -n 5 python benchmarks/reasonir.py [--stages speed,synth,base,train,
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -39,6 +38,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from _common import package_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,13 +50,9 @@ STAGES = ("speed", "synth", "base", "train", "after", "tto", "rag")
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("tessera", "torch", "transformers", "sentence-transformers", "bm25s", "faiss-cpu", "pytrec-eval-terrier", "openai"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"python": platform.python_version(),
+            **package_versions("tessera", "torch", "transformers", "sentence-transformers", "bm25s", "faiss-cpu",
+                               "pytrec-eval-terrier", "openai")}
 
 
 def log(msg: str) -> None:

@@ -30,7 +30,6 @@ sample of the rest); it is off by default and the JSON records it when used.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -49,6 +48,8 @@ from tessera.retrieval.dense_index import DenseIndex, encode_corpus, encode_quer
 from tessera.retrieval.hybrid import fuse
 from tessera.retrieval.metrics import evaluate
 from tessera.retrieval.search import bm25_run, dense_run, open_collection
+
+from _common import package_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
@@ -170,12 +171,9 @@ def main() -> None:
         return
     cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                       if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    versions = {"tessera": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "sentence-transformers", "faiss-cpu", "bm25s", "pytrec-eval-terrier", "numpy"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = {"tessera": __version__, "python": platform.python_version(),
+                **package_versions("torch", "transformers", "sentence-transformers", "faiss-cpu", "bm25s", "pytrec-eval-terrier",
+                                   "numpy")}
     results: dict = {
         "benchmark": "retrieval",
         "machine": {"platform": platform.platform(), "cpu": cpu_model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

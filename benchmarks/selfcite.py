@@ -23,7 +23,6 @@ Usage: python benchmarks/selfcite.py [--eval-n 8] [--train-n 8] [--out benchmark
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -32,19 +31,15 @@ import sys
 import time
 from pathlib import Path
 
+from _common import package_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def versions() -> dict:
-    out = {}
-    for pkg in ("torch", "transformers", "trl", "peft", "context-cite", "pysbd", "tessera"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions("torch", "transformers", "trl", "peft", "context-cite", "pysbd", "tessera")
 
 
 def main() -> None:

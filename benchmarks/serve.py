@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import package_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "How do I give a function parameter a default value?",
@@ -57,14 +59,7 @@ QUESTIONS = [
 
 
 def machine(threads: int) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "transformers", "fastapi", "uvicorn", "starlette", "httpx", "tessera"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions("torch", "transformers", "fastapi", "uvicorn", "starlette", "httpx", "tessera")
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "server_torch_threads": threads,
             "load_average_at_start": list(os.getloadavg()), "versions": versions}

@@ -25,3 +25,41 @@ def shared_data_or_skip(*parts: str) -> Path:
     if root is None or not root.joinpath(*parts).exists():
         pytest.skip(f"../shared/data/{'/'.join(parts)} not found (the shared evaluation data is absent)")
     return root.joinpath(*parts)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread for tiny models: on a shared 2-core machine more threads only oversubscribe.
+    Autouse only where a ``conftest.py`` imports it (tests/models, tests/train)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 180, env: dict | None = None) -> None:
+    """``torchrun --nproc_per_node NPROC SCRIPT ARGS`` on a free local port (one OMP thread per worker,
+    no inherited RANK/WORLD_SIZE/...); fails the test on a non-zero exit or past ``timeout`` seconds."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), *map(str, args)]
+    # own session: on a timeout the launcher *and* its workers are killed
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the {nproc}-process torchrun did not finish in {timeout} s")
+    assert proc.returncode == 0, err[-3000:]

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tessera.config import DumpDir, load_config
+from tessera.config import DumpDir, atomic_dir, load_config
 from tessera.errors import InputError
 
 
@@ -43,3 +43,23 @@ def test_dump_dir_files(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == {"ok": True}
+
+
+def test_atomic_dir_replaces_keeps_and_cleans_up(tmp_path):
+    out = tmp_path / "model"
+    with atomic_dir(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.tmp-")
+        (tmp / "a").write_text("1")
+    assert [p.name for p in out.iterdir()] == ["a"] and out.stat().st_mode & 0o777 == 0o755
+    with atomic_dir(out) as tmp:  # an old folder is replaced whole
+        (tmp / "b").write_text("2")
+    assert [p.name for p in out.iterdir()] == ["b"]
+    with atomic_dir(out, keep_existing=True) as tmp:  # a cache entry someone else finished first wins
+        (tmp / "c").write_text("3")
+    assert [p.name for p in out.iterdir()] == ["b"]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out) as tmp:
+            (tmp / "d").write_text("half")
+            raise KeyboardInterrupt
+    assert [p.name for p in out.iterdir()] == ["b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "no temporary folder left behind"

@@ -8,10 +8,13 @@ Every recipe has a config dataclass with ``seed`` and ``dump_dir``;
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +67,60 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_savefig(fig, path: str | Path, **savefig_kw) -> Path:
+    """``fig.savefig(path, **savefig_kw)`` through a temporary file and a rename (mode 0644); closes ``fig``."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig_kw)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary sibling name (``.NAME.tmp-*``), then rename it to ``out``.
+
+    Yields the temporary folder to write into.  When the block ends normally the folder gets
+    mode 0755 (``mkdtemp`` makes 0700) and takes the place of ``out``: an old ``out`` is first
+    renamed aside and removed after the swap, so readers see the old folder or the new one,
+    never half of one.  With ``keep_existing`` an ``out`` that exists by then (another process
+    won the race to build the same cache entry) is kept and the new folder dropped.  On any
+    exception (``KeyboardInterrupt`` included) the temporary folder is removed and the
+    exception propagates.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if not out.exists():
+            os.replace(tmp, out)
+        elif keep_existing:
+            shutil.rmtree(tmp)
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.replace(out, old)
+            os.replace(tmp, out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -7,19 +7,12 @@ import math
 
 import pytest
 import torch
+from attribution_fixtures import one_thread  # noqa: F401  (module-scoped autouse: one torch thread)
 
 from tessera.attribution import nest as N
 from tessera.data.chunking import Passage
 from tessera.data.types import Document
 from tessera.errors import ContextTooLongError, EmptyCorpusError, InputError, TesseraError
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here: on a loaded 2-core machine two threads oversubscribe and run several times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 DOCS = [

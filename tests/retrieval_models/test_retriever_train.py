@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from retrieval_synthetic import ndcg_at_10
+from tessera_testing import run_torchrun
 from tessera.data.types import Collection, Document, Query
 from tessera.errors import DataFormatError, InputError
 from tessera.retrieval import train as T
@@ -133,23 +129,7 @@ def test_recipe_bad_input(tmp_path):
 
 
 def test_two_process_ddp_gathers_negatives_across_ranks(tiny_lm_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(HERE / "ddp_worker.py"), str(tiny_lm_dir), str(tmp_path)]
-    # own session: on a timeout the launcher *and* its workers are killed
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the two-process DDP run did not finish in 120 s")
-    assert proc.returncode == 0, err[-3000:]
+    run_torchrun(HERE / "ddp_worker.py", tiny_lm_dir, tmp_path, timeout=120, env={"TOKENIZERS_PARALLELISM": "false"})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["world_size"] == 2 and r["steps"] == 3

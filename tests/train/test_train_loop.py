@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,25 +13,13 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "models"))
 from mm_helpers import tiny_data, tiny_lm  # noqa: E402
+from tessera_testing import run_torchrun  # noqa: E402
 
 from tessera.train import DistInfo, LoopState, cosine_lr, load_checkpoint, save_checkpoint, train_loop  # noqa: E402
 
 
 def test_two_process_gloo_ddp_step_matches_single_process_reference(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(HERE / "ddp_mm_worker.py"), str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the two-process DDP run did not finish in 180 s")
-    assert proc.returncode == 0, err[-3000:]
+    run_torchrun(HERE / "ddp_mm_worker.py", tmp_path, timeout=180)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert r0["checksum"] == pytest.approx(r1["checksum"], rel=1e-9)  # DDP kept the replicas equal

@@ -17,13 +17,12 @@ def domain_routing(model, domain_blocks: dict[str, torch.Tensor], batch_size: in
 def plot_routing_heatmap(fractions: dict[str, list[list[float]]], path: str | Path, expert_names: list[str] | None = None,
                          title: str = "BTX routing: share of tokens per expert") -> Path:
     """One panel per domain: layers (rows) x experts (columns), colour = routing fraction. Written atomically."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from tessera.config import atomic_savefig
 
     names = list(fractions)
     n_exp = len(next(iter(fractions.values()))[0])
@@ -41,15 +40,4 @@ def plot_routing_heatmap(fractions: dict[str, list[list[float]]], path: str | Pa
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction routed")
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_savefig(fig, path, dpi=130, bbox_inches="tight")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from tessera.btx.data import Domain
 from tessera.btx.train import TrainSettings
+from tessera.config import atomic_dir
 from tessera.errors import InputError, TesseraError
 
 
@@ -62,16 +62,13 @@ def train_expert(seed_model: str, domain: Domain, out: str | Path, settings: Tra
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     blocks, _ = domain_blocks(domain, tok, seq_len, max_train_blocks=max_train_blocks, seed=settings.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.trainer-", dir=out.parent, ignore_cleanup_errors=True) as scratch:
         t0 = time.perf_counter()
-        model, history = train_model(model, blocks, tmp / "trainer", settings)
+        model, history = train_model(model, blocks, Path(scratch) / "trainer", settings)
         seconds = time.perf_counter() - t0
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 writes the expert
-            shutil.rmtree(tmp, ignore_errors=True)
-            return out
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 writes the expert
+        return out
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         tokens = settings.steps * settings.batch_size * settings.grad_accum * seq_len
@@ -80,12 +77,6 @@ def train_expert(seed_model: str, domain: Domain, out: str | Path, settings: Tra
                 "pid": os.getpid(), "train_blocks": int(blocks.shape[0]), "settings": asdict(settings),
                 "loss": [r["loss"] for r in history if "loss" in r]}
         (tmp / "expert.json").write_text(json.dumps(info, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -30,11 +30,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tessera.config import atomic_dir
 from tessera.errors import InputError, ModelNotFoundError
 
 ROUTER_INITS = ("normal", "zero", "hidden")
@@ -245,10 +245,7 @@ def mix_experts(experts: list[str | Path], out: str | Path, *, seed_model: str |
     cfg = mixtral_config_from(seed_cfg, n_exp, k, i_exp, **({"btx_routing": routing} if routing != "topk" else {}))
     gen = torch.Generator().manual_seed(seed)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out) as tmp:
         shard: dict = {}
         shard_files: list[tuple[str, list[str]]] = []
         size = 0
@@ -310,12 +307,6 @@ def mix_experts(experts: list[str | Path], out: str | Path, *, seed_model: str |
                            extra={"chunks": chunks if variant == "split" else None, "routing": routing, "include_seed": include_seed})
         report.seconds = time.perf_counter() - t0
         (tmp / "btx_mix.json").write_text(json.dumps(report.to_dict(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

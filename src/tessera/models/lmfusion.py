@@ -451,16 +451,12 @@ class LMFusionModel(nn.Module):
         """Write ``lmfusion_image.safetensors`` (image modules only) and ``lmfusion_config.json``
         (naming the base model) to ``path``, atomically.  A model trained with ``freeze_text=False``
         changed its base, so the base and ``tokenizer`` are saved too (``base/``, a Hugging Face folder)."""
-        import os
-        import shutil
-        import tempfile
-
         from safetensors.torch import save_file
 
+        from tessera.config import atomic_dir
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.image_state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             meta = {"format": "tessera-lmfusion", "version": 1, **self.cfg.to_dict(),
@@ -473,13 +469,6 @@ class LMFusionModel(nn.Module):
                 tokenizer.save_pretrained(tmp / BASE_DIR_NAME)
                 meta["base_model"] = BASE_DIR_NAME
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            tmp.chmod(0o755)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

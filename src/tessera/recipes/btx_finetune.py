@@ -41,9 +41,7 @@ class Config:
 
 
 def main(cfg: Config) -> Path:
-    import os
     import shutil
-    import tempfile
 
     import torch
     from transformers import AutoTokenizer
@@ -53,7 +51,7 @@ def main(cfg: Config) -> Path:
     from tessera.btx.data import domain_blocks, parse_domains
     from tessera.btx.routing import freeze_experts, load_btx_model, set_routing
     from tessera.btx.train import TrainSettings, perplexity, train_model
-    from tessera.config import DumpDir
+    from tessera.config import DumpDir, atomic_dir
     from tessera.errors import InputError
 
     model_dir = Path(cfg.model).expanduser()
@@ -83,17 +81,9 @@ def main(cfg: Config) -> Path:
     shutil.rmtree(Path(cfg.dump_dir) / "trainer", ignore_errors=True)
     for r in history:
         dump.log(**r)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ppl = {name: perplexity(model, blocks) for name, blocks in held.items()}
     fractions = domain_routing(model, held)
     plot_routing_heatmap(fractions, Path(cfg.dump_dir) / "routing.png")

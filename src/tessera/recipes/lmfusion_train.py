@@ -140,23 +140,6 @@ def build(cfg: Config, device: str):
     return model, objective, tok, train, val, train_idx, val_idx
 
 
-def evaluate(objective, batches: list[dict], device: str, seed: int = 0) -> dict:
-    """Mean validation losses over fixed batches (fixed noise and timesteps via ``seed``)."""
-    import torch
-
-    was = objective.training
-    objective.eval()
-    g = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {}
-    with torch.no_grad():
-        for b in batches:
-            out = objective({k: v.to(device) for k, v in b.items()}, generator=g)
-            for k in ("text_loss", "image_loss", "model_loss"):
-                sums[k] = sums.get(k, 0.0) + float(out[k])
-    objective.train(was)
-    return {f"val_{k}": round(v / len(batches), 5) for k, v in sums.items()}
-
-
 def generation_accuracy(model, tok, classifier, per_class: int, steps: int, guidance_scale: float, seed: int = 0,
                         template: str | None = None, sampler: str = "ddim"):
     """Conditional generation accuracy: ``per_class`` images per digit from a caption, judged by ``classifier``."""
@@ -228,10 +211,10 @@ def main(cfg: Config) -> Path:
     import torch
 
     from tessera import ui
-    from tessera.config import DumpDir, atomic_write_text
+    from tessera.config import DumpDir
     from tessera.errors import InputError
     from tessera.models.lmfusion import PATCHERS, FlopMeter
-    from tessera.recipes.mixed_modal_pretrain import get_classifier, save_samples_png
+    from tessera.models.scoring import drop_metrics_after, get_classifier, mean_val_losses, save_samples_png, validation_batches
     from tessera.train import LoopState, cosine_lr, init_distributed, train_loop, wrap_model
 
     if cfg.steps < 1 or cfg.batch_size < 1:
@@ -250,7 +233,8 @@ def main(cfg: Config) -> Path:
     # 1. base LLM + image modules, data (nothing is written before these load), the judge classifier
     model, objective, tok, train_data, val_data, train_idx, val_idx = build(cfg, info.device)
     dump_path.mkdir(parents=True, exist_ok=True)
-    clf, clf_acc = get_classifier(cfg, train_data, train_idx, val_idx, dump_path if info.is_main else None)
+    clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
+                                  steps=cfg.classifier_steps, seed=cfg.seed)
     dump = DumpDir(dump_path, cfg) if info.is_main else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -260,26 +244,22 @@ def main(cfg: Config) -> Path:
     state = LoopState()
     if cfg.resume and ckpt.is_file():
         state = _load_ckpt(ckpt, model, opt)
-        if info.is_main:
-            mpath = dump_path / "metrics.jsonl"
-            if mpath.is_file():
-                rows = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= state.step]
-                atomic_write_text(mpath, "".join(r + "\n" for r in rows))
+        if info.is_main:  # drop metric rows logged after the checkpoint
+            drop_metrics_after(dump_path / "metrics.jsonl", state.step)
         ui.info(f"resumed from {ckpt} at step {state.step}")
     elif info.is_main:
         (dump_path / "metrics.jsonl").unlink(missing_ok=True)
     net = wrap_model(objective, info, "ddp" if info.world_size > 1 else "none", find_unused_parameters=True)
 
     # 3. train, with the FLOPs that really run (frozen modules: no weight gradients)
-    val_rng = np.random.default_rng(12345)
-    val_batches = [val_data.batch(cfg.batch_size, val_rng, val_idx) for _ in range(cfg.eval_batches)]
+    val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
     meter = FlopMeter()
 
     def get_batch(step: int) -> dict:
         return train_data.batch(cfg.batch_size, np.random.default_rng([cfg.seed, info.rank, step]), train_idx)
 
     def run_eval(step: int) -> None:
-        row = evaluate(objective, val_batches, info.device, seed=cfg.seed)
+        row = mean_val_losses(objective, val_batches, info.device, cfg.seed)
         meter.skip()
         if dump:
             dump.log(kind="eval", step=step, flops=state.flops, tokens=state.tokens, **row)
@@ -313,7 +293,7 @@ def main(cfg: Config) -> Path:
                      "train_tokens": state.tokens, "world_size": info.world_size}
     times = state.step_times[5:] or state.step_times
     results["median_step_s"] = float(np.median(times)) if times else None
-    results["val"] = evaluate(objective, val_batches, info.device, seed=cfg.seed)
+    results["val"] = mean_val_losses(objective, val_batches, info.device, cfg.seed)
     if info.is_main:
         model.save_image_modules(dump_path / "image_modules", tok)
         results["text_side"] = text_side_check(model, cfg, tok, info.device)
@@ -335,4 +315,4 @@ def main(cfg: Config) -> Path:
     return dump_path
 
 
-__all__ = ["Config", "main", "build", "evaluate", "generation_accuracy", "understanding_accuracy", "text_side_check"]
+__all__ = ["Config", "main", "build", "generation_accuracy", "understanding_accuracy", "text_side_check"]

@@ -189,82 +189,19 @@ def build_data(cfg: Config, dump: Path | None = None):
     return train, val, train_idx, val_idx, codes_to_images, info
 
 
-def get_classifier(cfg: Config, data, train_idx, val_idx, dump: Path | None):
-    """The judge: a digit CNN trained on the training images (cached in the dump dir)."""
-    import torch
-
-    from tessera.models.classifier import DigitClassifier, accuracy, train_digit_classifier
-
-    path = dump / "classifier.pt" if dump is not None else None
-    if path is not None and path.is_file():
-        clf = DigitClassifier()
-        clf.load_state_dict(torch.load(path, map_location="cpu"))
-        clf.eval()
-    else:
-        clf = train_digit_classifier(data.images[train_idx], data.labels[train_idx], steps=cfg.classifier_steps, seed=cfg.seed)
-        if path is not None:
-            tmp = path.with_name(".classifier.pt.tmp")
-            torch.save(clf.state_dict(), tmp)
-            tmp.replace(path)
-    return clf, accuracy(clf, data.images[val_idx], data.labels[val_idx])
-
-
-def validation_batches(cfg: Config, val_data, val_idx) -> list[dict]:
-    import numpy as np
-
-    rng = np.random.default_rng(12345)
-    return [val_data.batch(cfg.batch_size, rng, val_idx) for _ in range(cfg.eval_batches)]
-
-
-def evaluate(lm, batches: list[dict], routing: str = "batch", device: str = "cpu", seed: int = 0) -> dict:
-    """Mean validation losses over fixed batches (fixed diffusion noise and timesteps via ``seed``)."""
-    import torch
-
-    was_training = lm.training
-    lm.eval()
-    g = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {}
-    with torch.no_grad():
-        for b in batches:
-            out = lm({k: v.to(device) for k, v in b.items()}, routing=routing, generator=g)
-            for k in ("text_loss", "image_loss", "model_loss"):
-                sums[k] = sums.get(k, 0.0) + float(out[k])
-    lm.train(was_training)
-    return {f"val_{k}": round(v / len(batches), 5) for k, v in sums.items()}
-
-
-def save_samples_png(images, labels: list[int], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per = max(1, labels.count(0))
-    fig, axes = plt.subplots(10, per, figsize=(per * 0.8, 8.5))
-    for i, ax in enumerate(axes.reshape(-1)):
-        ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([]), ax.set_yticks([])
-        if i % per == 0:
-            ax.set_ylabel(str(labels[i]), rotation=0, labelpad=8)
-    fig.suptitle(title, fontsize=8)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def main(cfg: Config) -> Path:
     import numpy as np
     import torch
 
     from tessera import ui
-    from tessera.config import DumpDir, atomic_write_text
+    from tessera.config import DumpDir
     from tessera.errors import InputError
     from tessera.models.decoder import parse_variant
     from tessera.models.flops import batch_train_flops, forward_flops_per_token
     from tessera.models.modality import IMAGE, TEXT
     from tessera.models.objectives import MixedModalLM
     from tessera.models.sampling import captioning_accuracy, generation_accuracy
+    from tessera.models.scoring import drop_metrics_after, get_classifier, mean_val_losses, save_samples_png, validation_batches
     from tessera.train import LoopState, cosine_lr, init_distributed, load_checkpoint, save_checkpoint, train_loop, unwrap, wrap_model
 
     try:
@@ -282,7 +219,8 @@ def main(cfg: Config) -> Path:
     # 1. data (and, for MNIST + Chameleon, the VQ tokenizer), the judge classifier
     dump_path.mkdir(parents=True, exist_ok=True)
     train_data, val_data, train_idx, val_idx, codes_to_images, data_info = build_data(cfg, dump_path if info.is_main else None)
-    clf, clf_acc = get_classifier(cfg, train_data, train_idx, val_idx, dump_path if info.is_main else None)
+    clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
+                                  steps=cfg.classifier_steps, seed=cfg.seed)
     dump = DumpDir(dump_path, cfg) if info.is_main else None
 
     # 2. the model and its objective
@@ -300,10 +238,7 @@ def main(cfg: Config) -> Path:
     if cfg.resume and ckpt.is_file():
         state, _ = load_checkpoint(ckpt, lm, opt)
         if info.is_main:  # drop metric rows logged after the checkpoint
-            mpath = dump_path / "metrics.jsonl"
-            if mpath.is_file():
-                rows = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= state.step]
-                atomic_write_text(mpath, "".join(r + "\n" for r in rows))
+            drop_metrics_after(dump_path / "metrics.jsonl", state.step)
         ui.info(f"resumed from {ckpt} at step {state.step}")
     elif info.is_main:
         (dump_path / "metrics.jsonl").unlink(missing_ok=True)
@@ -311,7 +246,7 @@ def main(cfg: Config) -> Path:
     core = unwrap(model)
 
     # 4. train
-    val_batches = validation_batches(cfg, val_data, val_idx)
+    val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
     routings = routings_for(cfg.variant, cfg.aux_router)
 
     def get_batch(step: int) -> dict:
@@ -319,7 +254,7 @@ def main(cfg: Config) -> Path:
 
     def run_eval(step: int) -> None:
         for r in routings:
-            row = evaluate(core, val_batches, r, info.device, seed=cfg.seed)
+            row = mean_val_losses(core, val_batches, info.device, cfg.seed, routing=r)
             if dump:
                 dump.log(kind="eval", step=step, flops=state.flops, tokens=state.tokens, routing=r, **row)
 
@@ -353,7 +288,7 @@ def main(cfg: Config) -> Path:
                      "world_size": info.world_size}
     times = state.step_times[5:] or state.step_times
     results["median_step_s"] = float(np.median(times)) if times else None
-    results["val"] = {r: evaluate(core, val_batches, r, info.device, seed=cfg.seed) for r in routings}
+    results["val"] = {r: mean_val_losses(core, val_batches, info.device, cfg.seed, routing=r) for r in routings}
     if cfg.final_eval:
         gen_routing = "aux" if "aux" in routings else "batch"
         results["generation"], results["captioning"] = {}, {}

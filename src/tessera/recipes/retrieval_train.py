@@ -129,18 +129,11 @@ def main(cfg: Config) -> Path:
 
 def save_model(model, out: Path) -> None:
     """``model.save`` into a temporary sibling folder, then rename into place."""
+    from tessera.config import atomic_dir
     from tessera.errors import InputError
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "modules.json").is_file():
         raise InputError(f"{out} exists and is not a sentence-transformers model folder; pass a new folder as out=")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

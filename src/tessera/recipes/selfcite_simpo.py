@@ -23,9 +23,7 @@ which it used).
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -118,7 +116,7 @@ def main(cfg: Config) -> Path:
     from tessera.attribution.hotpot import direct_eval
     from tessera.attribution.metrics import mean_scores
     from tessera.attribution.simpo import PreferencePair, train_simpo
-    from tessera.config import DumpDir
+    from tessera.config import DumpDir, atomic_dir
     from tessera.data.qa import read_hotpotqa
     from tessera.lm import LocalLM
 
@@ -193,16 +191,9 @@ def main(cfg: Config) -> Path:
 
     if cfg.save_model:
         out = dump.path / "model"
-        tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=dump.path))
-        try:
+        with atomic_dir(out) as tmp:
             model.save_pretrained(tmp)
             lm.tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         results["model"] = str(out)
     results["seconds"] = time.perf_counter() - t_start
     distractors = "all distractors" if cfg.max_distractors < 0 else f"{cfg.max_distractors} distractor paragraph(s)"

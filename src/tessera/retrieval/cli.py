@@ -103,13 +103,10 @@ def index_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows instead of stopping."),
 ):
     """Build a BM25 and/or dense index for a corpus into a folder."""
-    import shutil
-    import tempfile
-
-    from tessera.config import atomic_write_text
+    from tessera.config import atomic_dir, atomic_write_text
     from tessera.data.jsonl import write_jsonl_atomic
     from tessera.retrieval.corpus_index import corpus_documents
-    from tessera.retrieval.dense_index import KINDS, DenseIndex, encode_corpus, encoder_name, replace_dir
+    from tessera.retrieval.dense_index import KINDS, DenseIndex, encode_corpus, encoder_name
     from tessera.retrieval.bm25 import BM25Index
     from tessera.retrieval.search import RETRIEVERS, is_collection_spec, open_collection
 
@@ -141,9 +138,7 @@ def index_cmd(
         embs = encode_corpus(model, [d.full_text for d in docs], batch_size=batch_size, work_dir=work, rank=rank, world_size=world)
         if rank != 0:
             return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         built = []
         if retriever in ("bm25", "hybrid"):
             with ui.status("building the BM25 index"):
@@ -157,10 +152,6 @@ def index_cmd(
         meta = {"format": _INDEX_FORMAT, "corpus": corpus, "name": name, "n_docs": len(docs), "indexes": built,
                 "encoder": encoder if embs is not None else None, "build_s": round(time.perf_counter() - t0, 3)}
         atomic_write_text(tmp / "index.json", json.dumps(meta, indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ui.out.print(f"indexed {len(docs)} documents of {name} ({' + '.join(built)}) into {out}")
 
 

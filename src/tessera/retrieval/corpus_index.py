@@ -21,14 +21,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tessera.data.chunking import Passage, chunk_documents
+from tessera.config import atomic_dir
 from tessera.data.types import Document
 from tessera.errors import EmptyCorpusError, InputError
 from tessera.hub import tessera_home
@@ -139,22 +137,12 @@ class CorpusIndex:
 
     def save(self, folder: Path) -> None:
         """Write under a temporary name, mark complete, then rename into place."""
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        try:
+        with atomic_dir(folder, keep_existing=True) as tmp:  # another process may have written it meanwhile
             with open(tmp / "passages.jsonl", "w", encoding="utf-8") as f:
                 for p in self.passages:
                     f.write(json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n")
             self.bm25.save(tmp / "bm25")
             (tmp / "done").write_text(json.dumps({"name": self.name, "passages": len(self.passages)}))
-            if folder.exists():
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.path = folder
 
     @classmethod

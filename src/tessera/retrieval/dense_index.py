@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tessera.config import atomic_dir
 from tessera.errors import EmptyCorpusError, InputError
 
 EXACT_MAX_DOCS = 100_000
@@ -402,17 +403,11 @@ class DenseIndex:
         """Write ``index.faiss``, ``doc_ids.json`` and ``meta.json`` to a temporary folder, then rename it into place."""
         faiss = _faiss()
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             (tmp / "doc_ids.json").write_text(json.dumps(self.doc_ids, ensure_ascii=False), encoding="utf-8")
             meta = {"format": _FORMAT, "kind": self.kind, "n": len(self), "dim": self.dim, "encoder": self.encoder, "params": self.params}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-            replace_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod
@@ -434,19 +429,3 @@ class DenseIndex:
         return cls(index, doc_ids, meta.get("encoder"), meta.get("kind", "flat"), meta.get("params"))
 
 
-def replace_dir(tmp: Path, folder: Path) -> None:
-    """Move the finished folder ``tmp`` to ``folder``, replacing an old one with two renames.
-
-    ``tmp`` (made by ``mkdtemp``, mode 0700) first gets the mode a plain ``mkdir`` would give.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        old.rmdir()
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)

@@ -37,13 +37,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tessera.config import atomic_dir
 from tessera.errors import EmptyCorpusError, InputError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -491,19 +489,11 @@ def save_pruned(model, tokenizer, out_dir: str | Path, report: PruneReport | Non
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} exists and is not empty; pass a new folder for the pruned model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / "tessera_pruning.json").write_text(json.dumps(report.to_dict(), indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

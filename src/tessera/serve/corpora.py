@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tessera.config import atomic_dir
 from tessera.data.text import CORPUS_SUFFIXES
 from tessera.errors import TesseraError
 from tessera.retrieval.corpus_index import PYTHON_DOCS, CorpusIndex
@@ -188,9 +188,8 @@ class CorpusRegistry:
         if len(self.uploads()) >= cfg.max_uploaded_corpora:
             raise ApiError(409, "too_many_corpora", f"the server keeps at most {cfg.max_uploaded_corpora} uploaded corpora; "
                            "delete one with DELETE /v1/corpora/{id}", field="files")
-        self.upload_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.upload_root))
-        try:
+        final = self.upload_root / cid
+        with atomic_dir(final) as tmp:
             for fname, data in named.items():
                 (tmp / fname).write_bytes(data)
             try:
@@ -198,13 +197,6 @@ class CorpusRegistry:
             except TesseraError as e:  # name the uploaded file, not the server's folder
                 raise ApiError(400, "bad_corpus", str(e).replace(str(tmp) + "/", "").replace(str(tmp), "upload"),
                                field="files") from None
-            final = self.upload_root / cid
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         entry = CorpusEntry(cid, name or base, "upload", str(final), documents=len(docs))
         with self._lock:
             self.entries[cid] = entry
