@@ -27,9 +27,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ask.py
 	$(PY) benchmarks/retrieval.py
-	$(PY) benchmarks/drama.py
+	$(PY) benchmarks/drama.py --steps 60 --batch-size 16 --cpt-steps 120 --cpt-lr 1e-3 --threads 1
 	$(PY) benchmarks/selfcite.py
 	$(PY) benchmarks/nest.py
+	$(PY) benchmarks/reasonir.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/pit.py
+	$(PY) benchmarks/btx.py
+	$(PY) benchmarks/mixed_modal.py
+	$(PY) benchmarks/lmfusion.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,6 +5,9 @@ In one run on this machine:
 1. prune the embedded SmolLM2-135M-Instruct to 50% and 20% of its non-embedding
    parameters (``tessera.retrieval.prune``: block-influence layer dropping, then FFN
    channels and GQA groups by activation; calibration on WikiText-2);
+   then, with ``--cpt-steps N``, continue pretraining each pruned model for N steps on
+   WikiText-2 while distilling the unpruned model's final hidden states into it
+   (``tessera.retrieval.recover``: the recovery stage of Sheared-LLaMA-style pruning);
 2. train each of the three backbones as a bidirectional, mean-pooled retriever with
    the same data, steps, batch and learning rate (``tessera.retrieval.train``): SciFact
    train claims, positives from the qrels, one BM25 hard negative per claim (the first
@@ -29,7 +32,8 @@ short training (``--steps`` x ``--batch-size`` claims, documents cut to
 Intermediate results (pruned checkpoints, trained retrievers, per-model figures)
 are kept under ``$TESSERA_HOME/bench/drama`` so an interrupted run resumes.
 
-Writes benchmarks/results/drama.json.  Usage: python benchmarks/drama.py [--steps 20] [--fresh]
+Writes benchmarks/results/drama.json.  Usage: python benchmarks/drama.py [--steps 20] [--fresh];
+the recorded run: ``--steps 60 --batch-size 16 --cpt-steps 120 --cpt-lr 1e-3 --threads 1``.
 """
 
 from __future__ import annotations
