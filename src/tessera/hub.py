@@ -247,24 +247,28 @@ def list_models() -> list[dict]:
     return rows
 
 
-def new_tiny_llama(tokenizer: str = "default", *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+def new_tiny_llama(tokenizer="default", *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                    num_kv_heads: int = 2, intermediate_size: int | None = None, max_positions: int = 1024,
                    tie_word_embeddings: bool = True, seed: int = 0):
     """A randomly initialised Llama for from-scratch CPU studies (PIT, BTX seeds, tests).
 
-    Returns ``(model, tokenizer)``; the tokenizer (and chat template) comes from the causal LM
-    ``tokenizer`` names (default: the embedded SmolLM2's). Sizes default to about 0.8M
-    non-embedding parameters; the 49k-token SmolLM2 vocabulary adds ``vocab * hidden_size``.
+    Returns ``(model, tokenizer)``; ``tokenizer`` is a tokenizer object or a causal LM spec
+    whose tokenizer (and chat template) is used (default: the embedded SmolLM2's). Sizes
+    default to about 0.8M non-embedding parameters; the vocabulary adds ``vocab * hidden_size``
+    (49k tokens for SmolLM2's: a small corpus tokenizer is much faster on CPU).
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     _quiet_transformers()
-    path = resolve_lm(tokenizer)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=_local_only())
-    except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"could not load tokenizer '{tokenizer}' ({str(e).splitlines()[0][:160]}); pass a causal LM folder or 'default'") from None
+    if isinstance(tokenizer, str):
+        path = resolve_lm(tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=_local_only())
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"could not load tokenizer '{tokenizer}' ({str(e).splitlines()[0][:160]}); pass a causal LM folder or 'default'") from None
+    else:
+        tok = tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,

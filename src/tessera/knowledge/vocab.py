@@ -39,20 +39,8 @@ def tiny_llama(texts: list[str] | None = None, *, vocab_size: int = 0, hidden_si
                num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0, tokenizer: str = "default"):
     """``(model, tokenizer)``: :func:`tessera.hub.new_tiny_llama` (``vocab_size=0``), or the same
     Llama shape over a :func:`corpus_tokenizer` of ``vocab_size`` tokens trained on ``texts``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tessera import hub
 
-    if not vocab_size:
-        return hub.new_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                                  num_kv_heads=num_kv_heads, seed=seed)
-    tok = corpus_tokenizer(texts or [], tokenizer, vocab_size)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                      num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    return model, tok
+    tok = corpus_tokenizer(texts or [], tokenizer, vocab_size) if vocab_size else tokenizer
+    return hub.new_tiny_llama(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                              num_kv_heads=num_kv_heads, seed=seed)
