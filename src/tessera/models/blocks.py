@@ -26,7 +26,8 @@ from torch import nn
 
 from tessera.models.masks import causal_mask, gather_mask
 from tessera.models.modality import ModalityIndex, ModalityRouter, PerModality
-from tessera.models.routers import AuxRouter, expert_capacity, expert_choice_route, load_balancing_loss, token_choice_route
+from tessera.models.routers import (AuxRouter, expert_capacity, expert_choice_route, load_balancing_loss, router_scores,
+                                    token_choice_route)
 
 
 @dataclass
@@ -108,20 +109,23 @@ class ExpertChoiceMoE(nn.Module):
     on the detached input to predict that selection.  ``routing="aux"``: a token goes to every
     expert whose auxiliary score is above 0.5 (causal).  Output: ``sum_e g_e(x) * FFN_e(x)`` over
     the experts that took the token, ``g = sigmoid(W_g x)``; tokens no expert took get zero
-    (they pass through the residual).
+    (they pass through the residual).  ``router_noise="gumbel"``: in training mode the scores are
+    Gumbel-sigmoid (MoMa eq. 5, :func:`~tessera.models.routers.router_scores`) for both selection
+    and gating; in eval mode there is no noise.
     """
 
     def __init__(self, d_model: int, hidden: int, n_experts: int, capacity_factor: float = 1.0,
-                 aux_router: bool = True, aux_hidden: int = 0, name: str = "moe_ec"):
+                 aux_router: bool = True, aux_hidden: int = 0, name: str = "moe_ec", router_noise: str = "none"):
         super().__init__()
-        self.n_experts, self.capacity_factor, self.name = n_experts, capacity_factor, name
+        router_scores(torch.zeros(0, n_experts), router_noise)  # validates the name
+        self.n_experts, self.capacity_factor, self.name, self.router_noise = n_experts, capacity_factor, name, router_noise
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.experts = _Experts(n_experts, d_model, hidden)
         self.aux = AuxRouter(d_model, n_experts, aux_hidden) if aux_router else None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]
-        gates = torch.sigmoid(self.gate(x))  # [n, E]
+        gates = router_scores(self.gate(x), self.router_noise, self.training)  # [n, E]; eq. 1 (eq. 5 in training)
         out = torch.zeros_like(x)
         if ctx.routing == "batch":
             chosen = expert_choice_route(gates, expert_capacity(n, self.n_experts, self.capacity_factor))  # [E, k]

@@ -66,6 +66,10 @@ class MixedModalConfig:
     patch_dim: int = 0  # Transfusion: channels * patch * patch; 0 = Chameleon (discrete image tokens)
     n_modalities: int = 2
     rope_theta: float = 10000.0
+    # Expert-choice router noise (moe_ec, moma): "gumbel" = Gumbel-sigmoid scores in training (MoMa section 2.2,
+    # eq. 5), none at evaluation; "none" = plain sigmoid.  The paper trains with Gumbel noise; the default stays
+    # "none" so existing runs and checkpoints reproduce - pass router_noise="gumbel" for the paper's setting.
+    router_noise: str = "none"
 
     @property
     def hidden(self) -> int:
@@ -84,10 +88,12 @@ def _ffn(cfg: MixedModalConfig, base: str) -> PerModality:
     if base == "moe_tc":
         return PerModality([TokenChoiceMoE(d, h, cfg.n_experts, cfg.top_k)], takes_ctx=True)
     if base == "moe_ec":
-        return PerModality([ExpertChoiceMoE(d, h, cfg.n_experts, cfg.capacity_factor, cfg.aux_router, cfg.aux_hidden)],
+        return PerModality([ExpertChoiceMoE(d, h, cfg.n_experts, cfg.capacity_factor, cfg.aux_router, cfg.aux_hidden,
+                                                router_noise=cfg.router_noise)],
                            takes_ctx=True)
     groups = [cfg.n_text_experts, cfg.n_image_experts][: cfg.n_modalities]
-    return PerModality([ExpertChoiceMoE(d, h, e, cfg.capacity_factor, cfg.aux_router, cfg.aux_hidden, name=f"moma{m}")
+    return PerModality([ExpertChoiceMoE(d, h, e, cfg.capacity_factor, cfg.aux_router, cfg.aux_hidden, name=f"moma{m}",
+                                        router_noise=cfg.router_noise)
                         for m, e in enumerate(groups)], takes_ctx=True)
 
 

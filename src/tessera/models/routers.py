@@ -5,6 +5,8 @@
   routing; MoMa section 2.2 uses capacity ``1/E`` per expert, i.e. ``capacity_factor = 1``).
 - :func:`token_choice_route` and :func:`load_balancing_loss`: each token picks its top-k experts
   (Switch Transformer, Fedus et al. 2022, eq. 4-6: ``alpha * E * sum_e f_e * P_e``).
+- :func:`router_scores`: the sigmoid router of MoMa section 2.2 (eq. 1), optionally with the
+  Gumbel-sigmoid noise of eq. 5 in training so that expert-choice selection explores.
 - :class:`AuxRouter`: MoMa section 2.4: expert choice needs the whole batch and so is not causal;
   a small per-token classifier, trained on detached inputs to predict the expert-choice selection,
   replaces it at inference so that generation is causal.
@@ -17,6 +19,28 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+ROUTER_NOISES = ("none", "gumbel")
+
+
+def router_scores(logits: torch.Tensor, noise: str = "none", training: bool = False) -> torch.Tensor:
+    """Router scores ``g = sigmoid(W_g x)`` (MoMa section 2.2, eq. 1), Gumbel-sigmoid in training (eq. 5).
+
+    ``noise="gumbel"`` and ``training``: ``sigmoid(W_g x + G' - G'')`` with ``G', G''`` independent
+    standard Gumbel samples (Gumbel-sigmoid, temperature 1; the difference of two Gumbels is a
+    standard logistic variable, drawn here as ``log u - log(1 - u)``, ``u ~ U(0, 1)`` from torch's
+    global generator, so ``torch.manual_seed`` reproduces it).  These noisy scores are both the
+    expert-choice selection scores and the gate weights.  Otherwise (``"none"``, or evaluation):
+    plain ``sigmoid(W_g x)``, deterministic.
+    """
+    if noise not in ROUTER_NOISES:
+        raise ValueError(f"unknown router_noise {noise!r}; use one of {', '.join(ROUTER_NOISES)}")
+    if noise == "gumbel" and training:
+        u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32)
+        u = u.clamp(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
+        logits = logits + (u.log() - torch.log1p(-u)).to(logits.dtype)
+    return torch.sigmoid(logits)
 
 
 def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float = 1.0) -> int:

@@ -30,9 +30,10 @@ size       keys                                                       dense tota
 =========  =========================================================  ===========  ============
 
 MoMa 1.4B-style: ``variant=moma n_text_experts=4 n_image_experts=4`` (8 experts, active = dense);
-add ``_mod`` for mixture-of-depths.  At those sizes also raise ``steps``, ``warmup_steps`` (MoT: 4000
-at 7B), lower ``lr`` (Chameleon: 1e-4 at 7B; MoT 443M-1.4B: 3e-4), and run with ``torchrun``; the byte
-vocabulary and the digit data stay, so large runs need the user's own data to be meaningful.
+add ``_mod`` for mixture-of-depths, and ``router_noise=gumbel`` for the paper's Gumbel-sigmoid
+expert-choice router in training (eq. 5; default ``none``).  At those sizes also raise ``steps``,
+``warmup_steps`` (MoT: 4000 at 7B), lower ``lr`` (Chameleon: 1e-4 at 7B; MoT 443M-1.4B: 3e-4), and run
+with ``torchrun``; the byte vocabulary and the digit data stay, so large runs need the user's own data to be meaningful.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Config:
     mod_capacity: float = 0.25  # MoMa: 25%
     mod_every: int = 2
     aux_router: bool = True
+    router_noise: str = "none"  # moe_ec / moma: "gumbel" = Gumbel-sigmoid router in training (MoMa eq. 5; the paper's setting)
     # data
     patch_size: int = 0  # transfusion patches: 0 -> 2 for digits (16 patches), 4 for MNIST (49 patches)
     text_fraction: float = 0.25  # share of text-only sequences
@@ -108,7 +110,7 @@ def model_config(cfg: Config, vocab_size: int, patch_dim: int):
                             capacity_factor=cfg.capacity_factor, n_text_experts=cfg.n_text_experts,
                             n_image_experts=cfg.n_image_experts, untie_attention=cfg.untie_attention,
                             mod_capacity=cfg.mod_capacity, mod_every=cfg.mod_every, aux_router=cfg.aux_router,
-                            patch_dim=patch_dim)
+                            router_noise=cfg.router_noise, patch_dim=patch_dim)
 
 
 def routings_for(variant: str, aux_router: bool) -> list[str]:
@@ -200,6 +202,7 @@ def main(cfg: Config) -> Path:
     from tessera.models.flops import batch_train_flops, forward_flops_per_token
     from tessera.models.modality import IMAGE, TEXT
     from tessera.models.objectives import MixedModalLM
+    from tessera.models.routers import ROUTER_NOISES
     from tessera.models.sampling import captioning_accuracy, generation_accuracy
     from tessera.models.scoring import drop_metrics_after, get_classifier, mean_val_losses, save_samples_png, validation_batches
     from tessera.train import LoopState, cosine_lr, init_distributed, load_checkpoint, save_checkpoint, train_loop, unwrap, wrap_model
@@ -208,6 +211,8 @@ def main(cfg: Config) -> Path:
         parse_variant(cfg.variant)
     except ValueError as e:
         raise InputError(f"{e}; pass variant=NAME") from None
+    if cfg.router_noise not in ROUTER_NOISES:
+        raise InputError(f"unknown router_noise {cfg.router_noise!r}; pass router_noise=none or router_noise=gumbel")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
     if cfg.threads:
