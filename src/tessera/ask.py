@@ -133,6 +133,7 @@ def ask(
     best_of: int = 0,
     on_sources: Callable[[list[Source]], None] | None = None,
     on_answer: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> AskResult:
     """Retrieve ``k`` passages, prompt the LM with them as numbered sources, stream the answer.
 
@@ -142,6 +143,10 @@ def ask(
     the prompt are known (before generation), ``on_token(piece)`` per decoded piece,
     ``on_answer(text)`` when generation ends (before citations are scored).  An
     exception raised in a callback stops the work and propagates (e.g. a timeout).
+    ``should_stop()``: optional cooperative cancellation of the SelfCite citation phase
+    (``cite=True``), polled before each of its model passes and between statements;
+    once it returns true :class:`~tessera.errors.Cancelled` is raised (or whatever the
+    hook raises itself propagates).
     """
     if not question or not question.strip():
         raise InputError("the question is empty; pass a question, e.g. tessera ask \"How do I open a file?\"")
@@ -203,7 +208,8 @@ def ask(
         from tessera.attribution.selfcite import cite_answer
 
         t = time.perf_counter()
-        statements = cite_answer(model, question, sources, best_of=best_of, answer=answer.strip(), seed=seed)
+        statements = cite_answer(model, question, sources, best_of=best_of, answer=answer.strip(), seed=seed,
+                                 should_stop=should_stop)
         timings["cite_s"] = time.perf_counter() - t
     return AskResult(question=question, answer=answer.strip(), sources=sources, model=model.name, corpus=index.name,
                      stats=stats, timings=timings, retriever=retriever, decode=decode, statements=statements, nest=nest_result)

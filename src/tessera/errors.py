@@ -40,3 +40,7 @@ class ModelNotFoundError(TesseraError):
 
 class ContextTooLongError(InputError):
     """Text that does not fit the model's context window."""
+
+
+class Cancelled(TesseraError):
+    """Work stopped early because its caller asked it to (a ``should_stop`` hook returned true)."""

@@ -112,3 +112,73 @@ def test_cite_errors(tiny_lm):
         cite(tiny_lm, ctx, "q?", answer="   ")
     with pytest.raises(InputError, match="hold no text"):
         cite_answer(tiny_lm, "q?", [{"text": " ", "doc_id": "x", "start": 0}])
+
+
+class _Hook:
+    """A ``should_stop`` hook that fires from its ``fire_at``-th poll on, counting model forwards after that."""
+
+    def __init__(self, lm, fire_at: int | None = None):
+        self.fire_at, self.polls, self.forwards, self.forwards_after = fire_at, 0, 0, 0
+        self.fired = False
+        self._handle = lm.model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, *_):
+        self.forwards += 1
+        self.forwards_after += self.fired
+
+    def __call__(self) -> bool:
+        self.polls += 1
+        self.fired = self.fire_at is not None and self.polls >= self.fire_at
+        return self.fired
+
+    def remove(self):
+        self._handle.remove()
+
+
+CANCEL_PASSAGES = [{"number": 1, "doc_id": "d1", "title": "Things", "text": TEXT, "start": 0}]
+CANCEL_ANSWER = "The apple is discussed. So is the violin. The tiger is named too."
+
+
+@pytest.mark.parametrize("best_of", [0, 3])
+def test_cite_answer_stops_promptly_when_the_hook_fires(tiny_lm, best_of):
+    from tessera.errors import Cancelled, TesseraError
+
+    kw = dict(best_of=best_of, answer=CANCEL_ANSWER, max_new_tokens=160)
+    plain = cite_answer(tiny_lm, "Which things?", CANCEL_PASSAGES, **kw)
+    never = _Hook(tiny_lm)
+    try:
+        hooked = cite_answer(tiny_lm, "Which things?", CANCEL_PASSAGES, should_stop=never, **kw)
+    finally:
+        never.remove()
+    # a hook that never fires changes nothing; it is polled before every forward (and between statements)
+    assert [(s.text, s.reward) for s in hooked] == [(s.text, s.reward) for s in plain] and len(plain) == 3
+    assert never.polls >= never.forwards > 3
+    for fire_at in (1, never.polls // 2, never.polls):
+        hook = _Hook(tiny_lm, fire_at)
+        try:
+            with pytest.raises(Cancelled, match="stopped by the caller") as err:
+                cite_answer(tiny_lm, "Which things?", CANCEL_PASSAGES, should_stop=hook, **kw)
+        finally:
+            hook.remove()
+        assert isinstance(err.value, TesseraError)
+        assert hook.fired and hook.polls == fire_at  # raised at the first poll that fired
+        assert hook.forwards_after == 0 and hook.forwards < never.forwards
+
+
+def test_scoring_stops_between_passes_and_hook_exceptions_propagate(tiny_lm, setup):
+    from tessera.errors import Cancelled
+
+    ctx, prompt, resp = setup
+    hook = _Hook(tiny_lm, fire_at=3)  # polls: statement 1, its first scoring pass, the second pass
+    try:
+        with pytest.raises(Cancelled, match="SelfCite scoring"):
+            reward_search(tiny_lm, prompt, resp, scorer=SelfCiteScorer(tiny_lm, prompt, resp), should_stop=hook)
+    finally:
+        hook.remove()
+    assert hook.forwards == 1 and hook.forwards_after == 0  # one scoring pass ran, then it stopped
+
+    def deadline() -> bool:
+        raise TimeoutError("past the deadline")
+
+    with pytest.raises(TimeoutError, match="past the deadline"):
+        cite(tiny_lm, ctx, "Which things?", answer="The apple is discussed.", should_stop=deadline)

@@ -17,6 +17,7 @@ the same way here, in the reward and in TRL's SimPO trainer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -33,13 +34,26 @@ from tessera.attribution.format import (
     Statement,
     attach,
 )
-from tessera.errors import ContextTooLongError
+from tessera.errors import Cancelled, ContextTooLongError
 from tessera.lm.local import sample_next
 
 CLOSE = CITE_CLOSE + STATEMENT_CLOSE
 _CITE_CHARS = set("0123456789-[]") | set(CLOSE)
 
 INVALID, OPEN, CLOSING = 0, 1, 2
+
+StopHook = Callable[[], bool] | None
+
+
+def check_stop(should_stop: StopHook, what: str = "citation decoding") -> None:
+    """Cooperative cancellation: raise :class:`~tessera.errors.Cancelled` when ``should_stop()`` is true.
+
+    Called before every model forward of cited generation, citation sampling and
+    SelfCite scoring.  The hook may also raise its own exception (e.g. a server's
+    request timeout), which then propagates unchanged.
+    """
+    if should_stop is not None and should_stop():
+        raise Cancelled(f"{what} was stopped by the caller before it finished; no citations were produced")
 
 
 def _number_prefix_ok(digits: str, lo: int, hi: int) -> bool:
@@ -156,7 +170,7 @@ class CitedResponse:
 class CitedDecoder:
     """Batch-1 decoding state: ids, KV cache, last logits, per-token log-probs."""
 
-    def __init__(self, lm, prompt_ids: list[int]):
+    def __init__(self, lm, prompt_ids: list[int], should_stop: StopHook = None):
         from transformers import DynamicCache
 
         self.lm = lm
@@ -170,12 +184,14 @@ class CitedDecoder:
         self.last_logits: torch.Tensor | None = None
         self.forward_calls = 0
         self.tokens_forwarded = 0
+        self.should_stop = should_stop  # checked before every forward (see check_stop)
         self.feed(prompt_ids, prefill=True)
 
     @torch.inference_mode()
     def feed(self, ids: list[int], prefill: bool = False) -> None:
         if not ids:
             return
+        check_stop(self.should_stop)
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1 if prefill else 0)
         self.forward_calls += 1
@@ -303,6 +319,7 @@ def generate_cited(
     answer_statements: list[str] | None = None,
     mode: str = "answer-first",
     min_words: int = 3,
+    should_stop: StopHook = None,
 ) -> CitedResponse:
     """Direct prompting with SelfCite's format, citations decoded under the grammar.
 
@@ -315,7 +332,9 @@ def generate_cited(
     (ended by a tag, a newline, a sentence end after ``min_words`` words, end of text or
     ``max_statement_tokens``), as a model trained on the format (LongCite, SelfCite)
     does.  ``answer_statements`` forces given statements.  Returns the response with its
-    KV cache (prompt + response), reused by the reward and best-of-N.
+    KV cache (prompt + response), reused by the reward and best-of-N.  ``should_stop``:
+    an optional hook polled before every forward pass; when it returns true,
+    :class:`~tessera.errors.Cancelled` is raised (see :func:`check_stop`).
     """
     from tessera.attribution.format import parse_citation
 
@@ -324,7 +343,7 @@ def generate_cited(
     prompt_ids = prompt.ids()
     n = len(prompt.context)
     check_prompt_fits(lm, prompt, max_new_tokens)
-    dec = CitedDecoder(lm, prompt_ids)
+    dec = CitedDecoder(lm, prompt_ids, should_stop)
     generator = torch.Generator(device=lm.device).manual_seed(seed) if temperature > 0 else None
     text = ""
     statements: list[tuple[str, list[Span], int, int, int]] = []  # text, spans, char a, char b, cite char
@@ -440,14 +459,15 @@ def _clean(s: str) -> str:
 @torch.inference_mode()
 def sample_citations(lm, cache, prefix_ids: list[int], n_sentences: int, n: int = 10, temperature: float = 1.2,
                      top_p: float = 0.9, max_tokens: int = 24, generator: torch.Generator | None = None,
-                     max_spans: int = MAX_SPANS) -> tuple[list[str], dict]:
+                     max_spans: int = MAX_SPANS, should_stop: StopHook = None) -> tuple[list[str], dict]:
     """Sample ``n`` citation bodies in one batch, continuing ``prefix_ids`` (which ends with ``<cite>``).
 
     ``cache`` holds the KV of at least ``prefix_ids[:-1]`` (e.g. the response's cache):
     it is sliced, not modified.  SelfCite's best-of-N settings (section 3.1): N=10,
     temperature 1.2, top-p 0.9, at most 24 tokens; here each sample is also held to the
     citation grammar.  Returns the bodies (``""`` for a sample cut before its first
-    range) and counts of forward calls and tokens.
+    range) and counts of forward calls and tokens.  ``should_stop`` is polled before
+    every forward pass (see :func:`check_stop`).
     """
     from tessera.attribution.selfcite import prefix_cache
 
@@ -462,6 +482,7 @@ def sample_citations(lm, cache, prefix_ids: list[int], n_sentences: int, n: int 
         kv, feed = DynamicCache(config=lm.model.config), prefix_ids
     else:
         feed = prefix_ids[-1:]
+    check_stop(should_stop, "best-of-N citation sampling")
     out = lm.model(input_ids=torch.tensor([feed], device=device), cache=kv, use_cache=True, logits_to_keep=1)
     stats = {"forward_calls": 1, "decode_rows": 1, "tokens_forwarded": len(feed)}
     logits = out.logits[:, -1].float().repeat(n, 1)
@@ -485,6 +506,7 @@ def sample_citations(lm, cache, prefix_ids: list[int], n_sentences: int, n: int 
         if len(keep_rows) < len(active):
             kv.batch_select_indices(torch.tensor(keep_rows, device=device))
             active = [active[r] for r in keep_rows]
+        check_stop(should_stop, "best-of-N citation sampling")
         out = lm.model(input_ids=torch.tensor(next_ids, device=device)[:, None], cache=kv, use_cache=True)
         stats["forward_calls"] += 1
         stats["decode_rows"] += len(next_ids)

@@ -19,6 +19,12 @@ first dropped sentence, and every "only E" prompt shares the instruction header.
 Only the remaining suffix is run, in batches of rows that share a prefix.  Models
 whose cache is not a plain :class:`~transformers.DynamicCache` (e.g. sliding-window
 layers) are scored with full forward passes instead.
+
+Every entry point takes an optional ``should_stop`` hook (cooperative cancellation,
+e.g. a server's request deadline): it is polled before every model forward pass of
+generation, best-of-N sampling and scoring, and between statements; when it returns
+true :class:`~tessera.errors.Cancelled` is raised (an exception the hook raises itself
+propagates unchanged).  Without it nothing changes.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tessera.attribution.constrained import CitedResponse, generate_cited, sample_citations
+from tessera.attribution.constrained import CitedResponse, StopHook, check_stop, generate_cited, sample_citations
 from tessera.attribution.format import (
     MAX_SPANS,
     CitePrompt,
@@ -157,10 +163,11 @@ class SelfCiteScorer:
     ``response`` is a :class:`CitedResponse` (its cache, when present, is reused);
     statement ``j`` is scored on ``prompt + response_ids[:end_j]``, measuring the
     tokens of statement ``j``.  ``stats`` counts model calls, rows and tokens.
+    ``should_stop`` is polled before every scoring pass (see the module docstring).
     """
 
     def __init__(self, lm, prompt: CitePrompt, response: CitedResponse, length_limit: int = LENGTH_LIMIT,
-                 batch_size: int = 8, reuse_cache: bool = True):
+                 batch_size: int = 8, reuse_cache: bool = True, should_stop: StopHook = None):
         self.lm = lm
         self.model = lm.model
         self.prompt = prompt
@@ -168,6 +175,7 @@ class SelfCiteScorer:
         self.length_limit = length_limit
         self.batch_size = max(1, batch_size)
         self.reuse_cache = reuse_cache
+        self.should_stop = should_stop
         self.stats = ScoreStats()
         self._base = response.cache if reuse_cache and _plain_dynamic(response.cache) else None
         self._full: dict[int, float] = {}
@@ -217,6 +225,7 @@ class SelfCiteScorer:
                 # logits only where they are needed (the lm head over a 49k vocabulary is not free)
                 first = min(len(suffixes[r]) - rows[i][2] - 1 for r, i in enumerate(chunk))
                 kv = prefix_cache(self._base, L, B) if L > 0 else None
+                check_stop(self.should_stop, "SelfCite scoring")
                 with torch.inference_mode():
                     kwargs = {"cache": kv, "use_cache": True} if kv is not None else {}
                     logits = self.model(input_ids=x, attention_mask=mask if B > 1 else None, logits_to_keep=T - first,
@@ -304,30 +313,38 @@ def score_statements(lm, prompt: CitePrompt, response: CitedResponse, scorer: Se
     scorer = scorer or SelfCiteScorer(lm, prompt, response)
     out = []
     for j, st in enumerate(response.statements):
+        check_stop(scorer.should_stop, "SelfCite scoring")
         out.append(_apply(st, scorer.score(j, [st.spans])[0], prompt.context))
     return out
 
 
 def best_of_n(lm, prompt: CitePrompt, response: CitedResponse, n: int = BEST_OF_N,
               temperature: float = BON_TEMPERATURE, top_p: float = BON_TOP_P, max_tokens: int = BON_MAX_TOKENS,
-              seed: int = 0, scorer: SelfCiteScorer | None = None, max_spans: int = MAX_SPANS) -> CiteResult:
+              seed: int = 0, scorer: SelfCiteScorer | None = None, max_spans: int = MAX_SPANS,
+              should_stop: StopHook = None) -> CiteResult:
     """SelfCite best-of-N (section 2.3, "Best-of-N Sampling"): at each ``<cite>`` sample ``n``
     citations, dedupe, rerank by the reward, splice the best back; the statements never change.
 
     The response's own citation is always among the candidates, so the chosen citation's
     reward is never below the original's.  Sampling continues the response's KV cache
-    in one batch of ``n`` rows per statement, under the citation grammar.
+    in one batch of ``n`` rows per statement, under the citation grammar.  ``should_stop``
+    (default: the scorer's) is polled between statements and before every forward pass.
     """
     t0 = time.perf_counter()
-    scorer = scorer or SelfCiteScorer(lm, prompt, response)
+    scorer = scorer or SelfCiteScorer(lm, prompt, response, should_stop=should_stop)
+    if should_stop is not None:
+        scorer.should_stop = should_stop
+    should_stop = scorer.should_stop
     gen = torch.Generator(device=lm.device).manual_seed(seed)
     n_ctx = len(prompt.context)
     sampling = ScoreStats()
     parse_stats = ParseStats()
     statements, tables = [], []
     for j, st in enumerate(response.statements):
+        check_stop(should_stop, "best-of-N citation sampling")
         prefix = response.prompt_ids + response.response_ids[:response.cite_tokens[j]]
-        bodies, s_stats = sample_citations(lm, response.cache, prefix, n_ctx, n, temperature, top_p, max_tokens, gen, max_spans)
+        bodies, s_stats = sample_citations(lm, response.cache, prefix, n_ctx, n, temperature, top_p, max_tokens, gen, max_spans,
+                                           should_stop=should_stop)
         sampling.add({"forward_calls": s_stats["forward_calls"], "sequences": s_stats["decode_rows"],
                       "tokens": s_stats["tokens_forwarded"]})
         cands: list[list[Span]] = [list(st.spans)]
@@ -345,7 +362,7 @@ def best_of_n(lm, prompt: CitePrompt, response: CitedResponse, n: int = BEST_OF_
 
 
 def reward_search(lm, prompt: CitePrompt, response: CitedResponse, top_k: int = 4, max_spans: int = MAX_SPANS,
-                  scorer: SelfCiteScorer | None = None) -> CiteResult:
+                  scorer: SelfCiteScorer | None = None, should_stop: StopHook = None) -> CiteResult:
     """Reward-only citation selection: search sentence sets directly with the reward, no sampling.
 
     Not in the paper; for models too small to propose good citations.  Per statement:
@@ -354,13 +371,17 @@ def reward_search(lm, prompt: CitePrompt, response: CitedResponse, top_k: int = 
     single sentence, add the next ones in reward order while the reward improves (at
     most ``max_spans`` ranges).  The response's own citation is a candidate too, so the
     result never scores below it.  Cost per statement: ``n`` short rows, then at most
-    ``2 * (2 * top_k)`` ablation rows.
+    ``2 * (2 * top_k)`` ablation rows.  ``should_stop`` (default: the scorer's) is polled
+    between statements and before every scoring pass.
     """
     t0 = time.perf_counter()
-    scorer = scorer or SelfCiteScorer(lm, prompt, response)
+    scorer = scorer or SelfCiteScorer(lm, prompt, response, should_stop=should_stop)
+    if should_stop is not None:
+        scorer.should_stop = should_stop
     n_ctx = len(prompt.context)
     statements, tables = [], []
     for j, st in enumerate(response.statements):
+        check_stop(scorer.should_stop, "SelfCite scoring")
         holds = scorer.hold_only(j, range(1, n_ctx + 1))
         order = sorted(range(1, n_ctx + 1), key=lambda i: -holds[i - 1])[:max(1, top_k)]
         singles = scorer.score(j, [[(i, i)] for i in order] + [list(st.spans)])
@@ -383,13 +404,16 @@ def reward_search(lm, prompt: CitePrompt, response: CitedResponse, top_k: int = 
 
 def cite(lm, context, question: str, best_of: int = 0, search: bool = False, answer: str | list[str] | None = None,
          max_new_tokens: int = 256, max_statements: int = 4, temperature: float = 0.0, seed: int = 0,
-         score: bool = True, bon_temperature: float = BON_TEMPERATURE, bon_top_p: float = BON_TOP_P) -> CiteResult:
+         score: bool = True, bon_temperature: float = BON_TEMPERATURE, bon_top_p: float = BON_TOP_P,
+         should_stop: StopHook = None) -> CiteResult:
     """Answer ``question`` from ``context`` with SelfCite citations.
 
     ``best_of=0``: direct prompting (citations decoded under the grammar, then scored
     when ``score``); ``best_of=N``: SelfCite best-of-N; ``search=True``: the reward-only
     search.  ``answer`` (text or a list of statements) forces the statements and only
-    decodes citations for them.
+    decodes citations for them.  ``should_stop``: optional cancellation hook, polled
+    before every forward pass and between statements; raises
+    :class:`~tessera.errors.Cancelled` once it returns true (see the module docstring).
     """
     from tessera.errors import InputError
 
@@ -403,9 +427,9 @@ def cite(lm, context, question: str, best_of: int = 0, search: bool = False, ans
         if not forced:
             raise InputError("the answer to cite is empty; pass a non-empty answer")
     response = generate_cited(lm, prompt, max_new_tokens=max_new_tokens, max_statements=max(max_statements, len(forced or [])),
-                              temperature=temperature, seed=seed, answer_statements=forced)
+                              temperature=temperature, seed=seed, answer_statements=forced, should_stop=should_stop)
     gen_s = time.perf_counter() - t0
-    scorer = SelfCiteScorer(lm, prompt, response)
+    scorer = SelfCiteScorer(lm, prompt, response, should_stop=should_stop)
     if search:
         result = reward_search(lm, prompt, response, scorer=scorer)
     elif best_of > 0:
@@ -426,7 +450,8 @@ def split_statements(answer: str) -> list[str]:
 
 
 def cite_answer(lm, question: str, passages: Sequence, best_of: int = 0, answer: str | None = None,
-                search: bool = False, max_new_tokens: int = 256, max_statements: int = 4, seed: int = 0) -> list[Statement]:
+                search: bool = False, max_new_tokens: int = 256, max_statements: int = 4, seed: int = 0,
+                should_stop: StopHook = None) -> list[Statement]:
     """Statements with citations mapped back to source documents, for ``tessera ask --cite``.
 
     ``lm``: a :class:`~tessera.lm.LocalLM` (or a model spec to load).
@@ -438,14 +463,17 @@ def cite_answer(lm, question: str, passages: Sequence, best_of: int = 0, answer:
     character offsets into the source document.  With ``answer`` (e.g. the answer
     ``ask`` already streamed) its sentences are the statements and only the citations
     are decoded; without it the LM writes a cited answer itself.  ``best_of=N`` reranks
-    N sampled citations per statement with the SelfCite reward (slower).
+    N sampled citations per statement with the SelfCite reward (slower).  ``should_stop``:
+    optional cancellation hook (see :func:`cite`).
     """
     from tessera.attribution.format import CitationContext
 
+    check_stop(should_stop, "citation")
     context = CitationContext.from_passages(passages)
     if isinstance(lm, str):
         from tessera.lm import LocalLM
 
         lm = LocalLM.load(lm)
     return cite(lm, context, question, best_of=best_of, search=search, answer=answer,
-                max_new_tokens=max_new_tokens, max_statements=max_statements, seed=seed).statements
+                max_new_tokens=max_new_tokens, max_statements=max_statements, seed=seed,
+                should_stop=should_stop).statements

@@ -235,7 +235,8 @@ def create_app(config: ServeConfig | None = None, lm=None) -> FastAPI:
             try:
                 result = ask(req.question, corpus=entry.index, lm=model, k=req.k, max_new_tokens=new_tokens,
                              retriever=req.retriever, encoder=config.encoder or "default-encoder", decode=req.decode,
-                             cite=req.cite, seed=config.seed, on_token=on_token, on_sources=on_sources, on_answer=on_answer)
+                             cite=req.cite, seed=config.seed, on_token=on_token, on_sources=on_sources, on_answer=on_answer,
+                             should_stop=worker.stop_hook(task))
             except InputError as e:
                 if req.decode == "nest" and "needs retrieved passages" in str(e):
                     raise ApiError(400, "no_passages", f"question: no passage of corpus {entry.id!r} matched the question "

@@ -5,7 +5,10 @@ between threads).  At most ``queue_size`` requests wait behind the running one;
 :meth:`AskWorker.submit` raises :class:`QueueFull` (the API answers ``429`` with
 ``Retry-After``) beyond that.  Every task has a deadline covering its queue wait and
 its run: work still queued at its deadline is dropped, running work checks
-:meth:`AskWorker.check` from its callbacks (each generated token) and stops.
+:meth:`AskWorker.check` from its callbacks (each generated token) and stops.  The
+SelfCite citation phase polls :meth:`AskWorker.stop_hook` (its ``should_stop``) before
+each model pass, so a request that times out while its citations are scored frees the
+worker within one pass.
 
 :class:`JobManager` runs corpus indexing on its own thread, reporting stage and
 progress for ``GET /v1/jobs/{id}``.
@@ -119,6 +122,16 @@ class AskWorker:
         if time.monotonic() > task.deadline:
             raise RequestTimeout(f"the request took longer than the server's timeout of {self.timeout_s:g} s; "
                                  "ask for fewer tokens (max_new_tokens) or retry when the server is less busy")
+
+    def stop_hook(self, task: Task) -> Callable[[], bool]:
+        """A ``should_stop`` hook for cooperative cancellation (``tessera.ask.ask``, SelfCite):
+        it raises what :meth:`check` raises (:class:`RequestTimeout`, :class:`Cancelled`)."""
+
+        def should_stop() -> bool:
+            self.check(task)
+            return False
+
+        return should_stop
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
