@@ -40,6 +40,9 @@ def main(model_dir: str, out_dir: str) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world_size": world, "shapes": shapes, "checksum": checksum, "steps": stats["steps"]}))
+    if dist.is_initialized():  # a clean shutdown: without it gloo's threads can abort the exit (SIGABRT)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from mm_helpers import tiny_data, tiny_lm  # noqa: E402
@@ -44,6 +45,9 @@ def main(out_dir: str) -> None:
         row["max_diff_vs_reference"] = float((ref - params).abs().max())
         row["moved"] = float((ref - torch.cat([p.detach().reshape(-1) for p in tiny_lm("chameleon", "moma", data, seed=0).parameters()])).abs().max())
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(row))
+    if dist.is_initialized():  # a clean shutdown: without it gloo's threads can abort the exit (SIGABRT)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

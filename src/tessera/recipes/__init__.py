@@ -36,4 +36,15 @@ def run_recipe(name: str, config_path: str | None = None, overrides: list[str] |
 
     module = get_recipe(name)
     cfg = load_config(module.Config, config_path, list(overrides))
-    return module.main(cfg)
+    try:
+        return module.main(cfg)
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    """Leave the torchrun process group cleanly (gloo's threads can otherwise abort the exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
