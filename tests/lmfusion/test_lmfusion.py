@@ -248,7 +248,7 @@ def test_save_load_sample_round_trip(base, tiny_lm_dir, tmp_path, patcher):
 def test_left_padded_batch_equals_single_rows(fused):
     """Captions of different lengths are left-padded into one sampling batch; every row's image
     positions must get what that caption alone gives (padding masked, positions shifted)."""
-    from tessera.models.lmfusion import _left_pad
+    from tessera.lm.local import left_pad as _left_pad
 
     model, tok = fused
     L = model.cfg.image_len

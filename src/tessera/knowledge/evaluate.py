@@ -58,6 +58,8 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     """Greedy answers for token-id prompts, in left-padded batches."""
     import torch
 
+    from tessera.lm.local import left_pad
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     model.eval()
@@ -65,15 +67,10 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        n = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), n), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompts[i]
-            ids[r, n - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, n - len(p):] = 1
+        ids, mask = left_pad([prompts[i] for i in idx], pad, device)
+        n = ids.shape[1]
         with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         for r, i in enumerate(idx):
             answers[i] = clean_generation(tokenizer.decode(out[r, n:], skip_special_tokens=True))

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.errors import InputError, ModelNotFoundError
+from tessera.lm.local import left_pad
 from tessera.models import diffusion as D
 from tessera.models.decoder import timestep_embedding
 from tessera.models.masks import transfusion_mask
@@ -630,16 +631,6 @@ class FlopMeter:
 
 # -- generation ----------------------------------------------------------------------------------
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        att[i, T - len(r):] = 1
-    return ids, att
-
-
 def make_sampler(name: str, num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS):
     """``ddpm`` (ancestral, Transfusion's sampler: :func:`tessera.models.diffusion.make_scheduler`) or ``ddim``
     (Song et al. 2021, deterministic, same cosine schedule): far better than DDPM at the 25-50 steps a CPU affords."""
@@ -677,7 +668,7 @@ def generate_images(model: LMFusionModel, tokenizer, captions: list[str], guidan
         guided = guidance_scale != 1.0
         if guided:
             prompts = prompts + [[cfg.boi_id]] * n
-        ids, att = _left_pad([p + [pad] * L for p in prompts], pad)
+        ids, att = left_pad([p + [pad] * L for p in prompts], pad)
         att[:, -L:] = 1
         ids, att = ids.to(dev), att.to(dev)
         modality = torch.zeros_like(ids)
