@@ -188,17 +188,13 @@ def caption_use(model, tok, images: np.ndarray, labels: np.ndarray, timesteps=(2
     n, L, p = x0.shape
 
     def mse(caption_labels, t: int) -> float:
-        rows = [data.pair(i, caption_for(c, CAPTION_TEMPLATES[0]) if c >= 0 else None, True)
-                for i, c in enumerate(caption_labels)]
-        T = max(len(r[0]) for r in rows)
-        tokens = torch.full((n, T), data.pad_id)
-        modality, att = torch.zeros(n, T, dtype=torch.long), torch.zeros(n, T, dtype=torch.long)
-        for b, (tk, m) in enumerate(rows):
-            tokens[b, :len(tk)], modality[b, :len(m)], att[b, :len(tk)] = torch.tensor(tk), torch.tensor(m), 1
-        xt = D.add_noise(sched, x0.reshape(-1, p), noise.reshape(-1, p), torch.full((n * L,), t))
-        patches = torch.zeros(n, T, p)
-        patches[modality == 1] = xt
-        out = model(tokens, modality, None, att, patches, torch.full((n, T), t))
+        batch = data.pairs_batch([(i, caption_for(c, CAPTION_TEMPLATES[0]) if c >= 0 else None, True)
+                                  for i, c in enumerate(caption_labels)])
+        img = batch["modality"] == 1
+        patches = batch["patches"]
+        patches[img] = D.add_noise(sched, x0.reshape(-1, p), noise.reshape(-1, p), torch.full((n * L,), t))
+        out = model(batch["tokens"], batch["modality"], batch["image_id"], batch["attention_mask"], patches,
+                    torch.full(batch["tokens"].shape, t))
         return float(((model.predict_noise(out).view(n, L, p) - noise) ** 2).mean())
 
     y = [int(v) for v in labels]

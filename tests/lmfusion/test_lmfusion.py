@@ -204,6 +204,19 @@ def test_data_batches(fused):
         _data(model, tok, text_fraction=0.5)
 
 
+def test_pairs_batch_builds_the_given_pairs_in_order(fused):
+    model, tok = fused
+    data = _data(model, tok)
+    b = data.pairs_batch([(3, "the number three", True), (4, None, True), (5, "this is a 5", False)])
+    assert b["labels"].tolist() == [3, 4, 5] and b["understanding"].tolist() == [False, False, True]
+    cap = tok("the number three", add_special_tokens=False).input_ids
+    assert b["tokens"][0, :len(cap)].tolist() == cap and int(b["tokens"][0, len(cap)]) == model.cfg.boi_id
+    assert int(b["tokens"][1, 0]) == model.cfg.boi_id  # no caption: unconditional
+    for r, i in enumerate([3, 4, 5]):
+        img = b["modality"][r] == IMAGE
+        assert torch.equal(b["patches"][r][img], torch.from_numpy(data._patches[i]))
+
+
 def test_caption_images_matches_full_forward_greedy(fused):
     """The cache hand-off to the base model's ``generate`` gives what step-by-step fused forwards give."""
     model, tok = fused

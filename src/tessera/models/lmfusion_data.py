@@ -75,32 +75,43 @@ class LMFusionData:
             mod = [TEXT] + im_mod + [TEXT] * (len(cap) + 2)
         return toks, mod
 
+    def _rows(self, n: int) -> dict:
+        T = self.seq_len
+        return {"tokens": np.full((n, T), self.pad_id, dtype=np.int64), "modality": np.full((n, T), TEXT, dtype=np.int64),
+                "attention": np.zeros((n, T), dtype=np.int64), "patches": np.zeros((n, T, self.patch_dim), dtype=np.float32),
+                "understanding": np.zeros(n, dtype=bool), "labels": np.full(n, -1, dtype=np.int64)}
+
+    def _put_pair(self, rows: dict, b: int, i: int, caption: str | None, caption_first: bool) -> None:
+        toks, mod = self.pair(i, caption, caption_first)
+        n = len(toks)
+        rows["tokens"][b, :n], rows["modality"][b, :n], rows["attention"][b, :n] = toks, mod, 1
+        rows["patches"][b, np.nonzero(rows["modality"][b] == IMAGE)[0]] = self._patches[i]
+        rows["understanding"][b], rows["labels"][b] = not caption_first, self.labels[i]
+
     def batch(self, batch_size: int, rng: np.random.Generator, index: np.ndarray | None = None) -> dict:
         T = self.seq_len
-        tokens = np.full((batch_size, T), self.pad_id, dtype=np.int64)
-        modality = np.full((batch_size, T), TEXT, dtype=np.int64)
-        attention = np.zeros((batch_size, T), dtype=np.int64)
-        patches = np.zeros((batch_size, T, self.patch_dim), dtype=np.float32)
-        understanding = np.zeros(batch_size, dtype=bool)
-        labels = np.full(batch_size, -1, dtype=np.int64)
+        rows = self._rows(batch_size)
         pool = index if index is not None else np.arange(len(self.images))
         for b in range(batch_size):
             if self.text_fraction and rng.random() < self.text_fraction:
                 start = int(rng.integers(0, len(self.text_tokens) - T))
-                tokens[b] = self.text_tokens[start:start + T]
-                attention[b] = 1
+                rows["tokens"][b] = self.text_tokens[start:start + T]
+                rows["attention"][b] = 1
                 continue
             i = int(pool[rng.integers(0, len(pool))])
             first = bool(rng.random() < self.caption_first)
             caption = caption_for(self.labels[i], self.templates[rng.integers(0, len(self.templates))])
             if first and rng.random() < self.cond_dropout:
                 caption = None
-            toks, mod = self.pair(i, caption, first)
-            n = len(toks)
-            tokens[b, :n], modality[b, :n], attention[b, :n] = toks, mod, 1
-            patches[b, np.nonzero(modality[b] == IMAGE)[0]] = self._patches[i]
-            understanding[b], labels[b] = not first, self.labels[i]
-        return self.to_batch(tokens, modality, attention, patches, understanding, labels)
+            self._put_pair(rows, b, i, caption, first)
+        return self.to_batch(**rows)
+
+    def pairs_batch(self, items: list[tuple[int, str | None, bool]]) -> dict:
+        """A batch of the given ``(image index, caption or None, caption_first)`` pairs, in order (for evaluation)."""
+        rows = self._rows(len(items))
+        for b, (i, caption, first) in enumerate(items):
+            self._put_pair(rows, b, int(i), caption, first)
+        return self.to_batch(**rows)
 
     def to_batch(self, tokens, modality, attention, patches, understanding, labels) -> dict:
         tokens_t, modality_t, att = torch.from_numpy(tokens), torch.from_numpy(modality), torch.from_numpy(attention)
