@@ -1,0 +1,356 @@
+"""Benchmark of tessera's local LM engine (``tessera.lm.local.LocalLM``) on the embedded SmolLM2-135M.
+
+Measures, in one run on this machine, tessera's engine against ``model.generate`` of
+transformers (the peer) and against the engine tessera had before (``engine="hf"``: a
+left-padded ``model.generate`` for batches, one padded forward pass for scoring):
+
+- batch-1 decode tokens/s and time to first token, prompts of 64, 512 and 1,536 tokens;
+- batched greedy generation tokens/s at batch 1, 4, 8, 16, 32, mixed prompt lengths;
+- the ReasonIR synthesis workload (real HQ prompts over SciFact documents, batch 16): prompts/s;
+- log-likelihood scoring tokens/s on SelfCite's context-ablation workload (HotpotQA contexts,
+  every sentence dropped and held alone, the statement's tokens scored) and on MMLU option scoring;
+- `tessera ask` warm wall time (median of 3), peak resident memory, the load average.
+
+Writes benchmarks/results/lm.json (with ``goals``) and lm.png (tokens/s against batch size).
+Usage: python benchmarks/lm.py [--quick]   (default about 15-20 minutes here; --quick about 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, package_versions, write_json  # noqa: E402
+
+from tessera.data.paths import shared_data_dir  # noqa: E402
+from tessera.lm.local import LocalLM, left_pad  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "How do I give a function parameter a default value?"
+
+
+def has_engine(fn) -> bool:
+    return "engine" in inspect.signature(fn).parameters
+
+
+def text_tokens(lm: LocalLM, n_tokens: int) -> list[int]:
+    """The first ``n_tokens`` tokens of WikiText-2 test (real text; the tokenizer's own pieces)."""
+    data = shared_data_dir()
+    if data is None or not (data / "wikitext2" / "wiki.test.raw").is_file():
+        raise SystemExit("benchmarks/lm.py needs ../shared/data/wikitext2/wiki.test.raw")
+    text = (data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[: n_tokens * 8]
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[:n_tokens]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+# --------------------------------------------------------------------------------- batch-1 decode
+def hf_generate(lm: LocalLM, ids: list[int], max_new_tokens: int, min_new: bool = True):
+    x = torch.tensor([ids])
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+              pad_token_id=lm.pad_id)
+    if min_new:
+        kw["min_new_tokens"] = max_new_tokens
+    with torch.inference_mode():
+        return lm.model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(ids):].tolist()
+
+
+def batch1(lm: LocalLM, lengths, new_tokens: int) -> dict:
+    from tessera.lm.local import GenerationStats
+
+    out = {}
+    base = text_tokens(lm, max(lengths))
+    for L in lengths:
+        ids = base[:L]
+        # tessera's stream (its stats: time to first token, decode tokens/s)
+        st = GenerationStats()
+        t_stream, text = timed(lambda: "".join(lm.stream(torch.tensor([ids]), max_new_tokens=new_tokens, stats=st)))
+        # model.generate: time to first token = a 1-token call; decode = the rest
+        ttft_hf, _ = timed(lambda: hf_generate(lm, ids, 1))
+        t_hf, gen = timed(lambda: hf_generate(lm, ids, new_tokens, min_new=False))
+        n_hf = len([t for t in gen if t not in lm.stop_ids])
+        row = {
+            "prompt_tokens": L,
+            "tessera": {"new_tokens": st.new_tokens, "time_to_first_token_s": round(st.time_to_first_token_s, 3),
+                        "decode_tokens_per_s": round(st.tokens_per_s, 2), "wall_s": round(t_stream, 2)},
+            "generate": {"new_tokens": n_hf, "time_to_first_token_s": round(ttft_hf, 3),
+                         "decode_tokens_per_s": round((n_hf - 1) / max(t_hf - ttft_hf, 1e-9), 2), "wall_s": round(t_hf, 2)},
+            "same_text": lm.tokenizer.decode([t for t in gen if t not in lm.stop_ids], skip_special_tokens=True) == text,
+        }
+        row["decode_ratio_tessera_over_generate"] = round(row["tessera"]["decode_tokens_per_s"] / max(row["generate"]["decode_tokens_per_s"], 1e-9), 3)
+        out[str(L)] = row
+        print(f"batch1 L={L}: {row}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------- batched generation
+def mixed_prompts(lm: LocalLM, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    base = text_tokens(lm, hi * 4 + 64)
+    rows = []
+    for _ in range(n):
+        L = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        s = int(torch.randint(0, len(base) - L, (1,), generator=g))
+        rows.append(base[s:s + L])
+    return rows
+
+
+def batched(lm: LocalLM, sizes, new_tokens: int, lo: int, hi: int) -> dict:
+    out = {}
+    for B in sizes:
+        prompts = mixed_prompts(lm, B, lo, hi, seed=B)
+        row = {"batch": B, "prompt_tokens": [len(p) for p in prompts]}
+        engines = [("generate", {"engine": "hf"} if has_engine(lm.generate_batch) else {})]
+        if has_engine(lm.generate_batch):
+            engines.append(("tessera", {"engine": "tessera"}))
+        outs = {}
+        for name, kw in engines:
+            dt, res = timed(lambda: lm.generate_batch(prompts, max_new_tokens=new_tokens, **kw))
+            n = sum(len(r.token_ids) for r in res)
+            outs[name] = [r.token_ids for r in res]
+            row[name] = {"new_tokens": n, "wall_s": round(dt, 2), "tokens_per_s": round(n / dt, 2)}
+        if "tessera" in outs:
+            row["rows_identical"] = sum(a == b for a, b in zip(outs["tessera"], outs["generate"])) / B
+            row["ratio_tessera_over_generate"] = round(row["tessera"]["tokens_per_s"] / row["generate"]["tokens_per_s"], 3)
+        out[str(B)] = row
+        print(f"batched B={B}: { {k: v for k, v in row.items() if k != 'prompt_tokens'} }", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------- ReasonIR synthesis workload
+def synth_workload(lm: LocalLM, n_docs: int, batch: int, new_tokens: int) -> dict:
+    from tessera.data.ir import read_scifact
+    from tessera.lm.local_backend import LocalBackend
+    from tessera.retrieval.synth import hq_messages, seed_documents
+
+    data = shared_data_dir()
+    coll = read_scifact(data / "ir" / "scifact")
+    docs = seed_documents(coll.docs)[0][:n_docs]
+    convs = [hq_messages(d) for d in docs]
+    prefix = '{"domain": "'
+    out = {"documents": len(docs), "batch": batch, "max_new_tokens": new_tokens}
+    backend = LocalBackend(lm, batch_size=batch)
+    prompts = [backend.encode(c, prefix) for c in convs]
+    out["prompt_tokens_mean"] = round(statistics.mean(len(p) for p in prompts), 1)
+    shared = 0
+    while all(len(p) > shared and p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    out["shared_prefix_tokens"] = shared
+    engines = [("generate_batch", "hf")] + ([("tessera", "tessera")] if has_engine(lm.generate_batch) else [])
+    texts = {}
+    for name, engine in engines:
+        if has_engine(lm.generate_batch):
+            backend.engine = engine
+        dt, gens = timed(lambda: backend.chat(convs, max_new_tokens=new_tokens, prefix=prefix))
+        texts[name] = [g.text for g in gens]
+        out[name] = {"wall_s": round(dt, 2), "prompts_per_s": round(len(convs) / dt, 3),
+                     "new_tokens": sum(g.new_tokens for g in gens), "errors": sum(not g.ok for g in gens)}
+    if "tessera" in texts:
+        out["speedup"] = round(out["tessera"]["prompts_per_s"] / out["generate_batch"]["prompts_per_s"], 3)
+        out["outputs_identical"] = sum(a == b for a, b in zip(texts["tessera"], texts["generate_batch"])) / len(convs)
+    out["sample_output"] = texts["generate_batch"][0][:200]
+    print(f"synth: {out}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------- scoring workloads
+def padded_scores(lm: LocalLM, rows: list[tuple[list[int], int]], batch: int) -> list[list[float]]:
+    """Today's scoring path (:meth:`LocalLM.batched_last_logprobs`' method): one left-padded forward pass per
+    batch over whole sequences, log-probabilities of each row's last ``n`` tokens."""
+    out = []
+    for s in range(0, len(rows), batch):
+        chunk = rows[s:s + batch]
+        ids, mask = left_pad([r for r, _ in chunk], lm.pad_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        n_max = max(n for _, n in chunk)
+        with torch.inference_mode():
+            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=n_max + 1).logits[:, :-1]
+        lp = torch.log_softmax(logits.float(), -1)
+        for r, (seq, n) in enumerate(chunk):
+            tgt = torch.tensor(seq[-n:])
+            out.append(lp[r, -n:].gather(-1, tgt[:, None])[:, 0].tolist())
+    return out
+
+
+def selfcite_rows(lm: LocalLM, n_examples: int, max_distractors: int) -> list[tuple[list[int], int]]:
+    from tessera.attribution.format import CitePrompt
+    from tessera.attribution.hotpot import hotpot_context
+    from tessera.data.qa import read_hotpotqa
+
+    exs = read_hotpotqa(shared_data_dir() / "hotpotqa" / "hotpot_dev_distractor_v1_first40.json")[:n_examples]
+    rows = []
+    for ex in exs:
+        ctx = hotpot_context(ex, max_distractors, -1)
+        prompt = CitePrompt(lm.tokenizer, ctx, ex.question)
+        stmt = lm.tokenizer(f"The answer is {ex.answer}.", add_special_tokens=False)["input_ids"]
+        n_ctx = len(ctx.sentences)
+        everything = set(range(1, n_ctx + 1))
+        for i in range(1, n_ctx + 1):  # SelfCite: drop sentence i (probability drop), hold sentence i alone (hold)
+            rows.append((prompt.ids(everything - {i}) + stmt, len(stmt)))
+            rows.append((prompt.ids([i]) + stmt, len(stmt)))
+        rows.append((prompt.ids() + stmt, len(stmt)))
+    return rows
+
+
+def scoring(lm: LocalLM, quick: bool) -> dict:
+    from tessera.data.qa import read_mmlu
+    from tessera.lm.local_backend import LocalBackend
+    from tessera.rag import LETTERS, mmlu_messages
+
+    out = {}
+    rows = selfcite_rows(lm, 1 if quick else 3, 2 if quick else 3)
+    tokens = sum(len(r) for r, _ in rows)
+    sc = {"rows": len(rows), "tokens": tokens, "mean_row_tokens": round(tokens / len(rows), 1), "batch": 8}
+    dt, ref = timed(lambda: padded_scores(lm, rows, 8))
+    sc["padded_forward"] = {"wall_s": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
+    if hasattr(lm, "score"):
+        dt2, new = timed(lambda: lm.score(rows, batch_size=8))
+        sc["tessera"] = {"wall_s": round(dt2, 2), "tokens_per_s": round(tokens / dt2, 1)}
+        sc["speedup"] = round(dt / dt2, 3)
+        diffs = [abs(a - b) for r1, r2 in zip(ref, new) for a, b in zip(r1, r2)]
+        sc["max_abs_logprob_diff"] = float(max(diffs))
+    out["selfcite_ablation"] = sc
+    print(f"scoring selfcite: {sc}", flush=True)
+
+    qs = read_mmlu(shared_data_dir() / "mmlu", "val")[: 16 if quick else 96]
+    backend = LocalBackend(lm, batch_size=8)
+    convs = [mmlu_messages(q) for q in qs]
+    n_tok = sum(len(backend.encode(c, "Answer:")) for c in convs)
+    mm = {"questions": len(qs), "prompt_tokens": n_tok}
+    engines = [("batched_last_logprobs", "hf")] + ([("tessera", "tessera")] if has_engine(lm.batched_last_logprobs) else [])
+    res = {}
+    for name, engine in engines:
+        if has_engine(lm.batched_last_logprobs):
+            backend.engine = engine
+        dt, lps = timed(lambda: backend.next_token_logprobs(convs, LETTERS, prefix="Answer:"))
+        res[name] = lps
+        mm[name] = {"wall_s": round(dt, 2), "tokens_per_s": round(n_tok / dt, 1)}
+    if "tessera" in res:
+        mm["speedup"] = round(mm["tessera"]["tokens_per_s"] / mm["batched_last_logprobs"]["tokens_per_s"], 3)
+        mm["max_abs_logprob_diff"] = max(abs(a[k] - b[k]) for a, b in zip(res["tessera"], res["batched_last_logprobs"]) for k in a)
+    out["mmlu_options"] = mm
+    print(f"scoring mmlu: {mm}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------- tessera ask
+def ask_warm(repeats: int) -> dict:
+    env = {**os.environ}
+    cmd = [sys.executable, "-m", "tessera.cli", "--quiet", "ask", QUESTION, "--json", "--max-new-tokens", "128"]
+    subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=True)  # warm: conversion + index
+    walls, tokens = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        walls.append(time.perf_counter() - t)
+        if r.returncode != 0:
+            raise SystemExit(f"tessera ask failed: {r.stderr.strip()}")
+        import json
+
+        tokens.append(json.loads(r.stdout)["stats"])
+    return {"wall_s_all": [round(w, 2) for w in walls], "wall_s_median": round(statistics.median(walls), 2),
+            "stats": tokens[0]}
+
+
+def llamacpp() -> dict:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"installed": False, "note": "llama-cpp-python is not installed in this environment (building it from "
+                "source takes about 7 minutes of both cores here); issue 23 adds it as an engine. An earlier "
+                "measurement on this machine: 92 decode tokens/s, 2 threads, same GGUF."}
+    return {"installed": True, "note": "not measured by this script yet"}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tessera.config import atomic_savefig
+
+    rows = results["batched"]
+    xs = [int(b) for b in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("generate", "tessera"):
+        ys = [rows[b][name]["tokens_per_s"] for b in rows if name in rows[b]]
+        if ys:
+            ax.plot(xs[:len(ys)], ys, marker="o", label="model.generate" if name == "generate" else "tessera engine")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (mixed prompt lengths)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("SmolLM2-135M greedy generation, 2-core CPU")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def goal(target: float, measured, higher_is_better: bool = True) -> dict:
+    met = measured is not None and (measured >= target if higher_is_better else measured <= target)
+    return {"target": target, "measured": measured, "met": bool(met)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="the same code on small sizes (about 2 minutes)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm.json"))
+    ap.add_argument("--skip-ask", action="store_true")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    q = args.quick
+    import transformers
+
+    results: dict = {"benchmark": "lm", "quick": q, "machine": machine(),
+                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                  **package_versions("tessera")},
+                     "config": {"lm": "default (SmolLM2-135M-Instruct, fp32)", "greedy": True}}
+    lm = LocalLM.load("default", device="cpu")
+    lm.generate_batch([text_tokens(lm, 16)], max_new_tokens=2)  # warm-up (one-time allocations)
+
+    results["batch1"] = batch1(lm, (64, 512) if q else (64, 512, 1536), 32 if q else 128)
+    results["batched"] = batched(lm, (1, 4, 8) if q else (1, 4, 8, 16, 32), 32 if q else 128, 32, 256 if q else 512)
+    results["synthesis"] = synth_workload(lm, 8 if q else 32, 8 if q else 16, 16 if q else 48)
+    results["scoring"] = scoring(lm, q)
+    results["ask"] = None if args.skip_ask else ask_warm(1 if q else 3)
+    results["llamacpp"] = llamacpp()
+    results["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    b1 = results["batch1"]["64"]
+    top = results["batched"][str(max(int(b) for b in results["batched"]))]
+    syn, sc = results["synthesis"], results["scoring"]["selfcite_ablation"]
+    results["goals"] = {
+        "synth_workload_speedup": goal(3, syn.get("speedup")),
+        "batch32_over_generate": goal(1.3, top.get("ratio_tessera_over_generate")),
+        "decode_over_generate": goal(1.3, b1.get("decode_ratio_tessera_over_generate")),
+        "scoring_speedup": goal(3, sc.get("speedup")),
+        "ask_warm_s": goal(5, results["ask"]["wall_s_median"] if results["ask"] else None, higher_is_better=False),
+        "decode_over_llamacpp": {"target": 1, "measured": None, "met": False,
+                                 "note": "information only; " + results["llamacpp"]["note"]},
+    }
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    results["load_average_at_end"] = os.getloadavg()
+    out = Path(args.out)
+    write_json(results, out)
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} in {results['wall_s']} s; goals: {results['goals']}")
+
+
+if __name__ == "__main__":
+    main()
