@@ -120,7 +120,8 @@ class _Hook:
     def __init__(self, lm, fire_at: int | None = None):
         self.fire_at, self.polls, self.forwards, self.forwards_after = fire_at, 0, 0, 0
         self.fired = False
-        self._handle = lm.model.register_forward_hook(self._on_forward)
+        # every model pass embeds its input once, through transformers' forward or tessera's engine
+        self._handle = lm.model.get_input_embeddings().register_forward_hook(self._on_forward)
 
     def _on_forward(self, *_):
         self.forwards += 1

@@ -194,7 +194,40 @@ class SelfCiteScorer:
         return self._full[j]
 
     def _run(self, rows: list[tuple[int, list[int], int]]) -> list[float]:
-        """Mean log-prob of the last ``n`` tokens of each ``(prefix_len, ids, n)`` row.
+        """Mean log-prob of the last ``n`` tokens of each ``(prefix_len, ids, n)`` row."""
+        if getattr(self.lm, "engine", "hf") == "tessera":
+            return self._run_engine(rows)
+        return self._run_hf(rows)
+
+    def _run_engine(self, rows: list[tuple[int, list[int], int]]) -> list[float]:
+        """Through :func:`tessera.lm.engine.score_rows`: the full prompt is the anchor (its KV taken from
+        generation's cache when there is one, else run once); every row reuses its common prefix with it, and
+        rows of different prefix lengths share a batch."""
+        from tessera.lm.engine import KVBuffer, anchor_kv, score_rows
+
+        t0 = time.perf_counter()
+        if not hasattr(self, "_anchor"):  # the full prompt: every ablated row shares a prefix with it
+            full = self.prompt.ids()
+            n_cached = min(self._base.get_seq_length(), len(full)) if self._base is not None else 0
+            buf = KVBuffer.from_cache(self.model, self._base, n_cached) if n_cached else None
+            if buf is None:
+                check_stop(self.should_stop, "SelfCite scoring")
+                buf = anchor_kv(self.model, full)
+                self.stats.forward_calls += 1
+                self.stats.tokens += len(full)
+            self._anchor = (full[:buf.used], buf)
+        anchor, buf = self._anchor
+        scores, st = score_rows(self.model, [(ids, n) for _, ids, n in rows], batch_size=self.batch_size,
+                                anchor=anchor, pad_id=self.lm.pad_id, anchor_buffer=buf,
+                                before_pass=lambda: check_stop(self.should_stop, "SelfCite scoring"))
+        self.stats.forward_calls += st["passes"]
+        self.stats.sequences += len(rows)
+        self.stats.tokens += st["computed_tokens"]
+        self.stats.seconds += time.perf_counter() - t0
+        return [sum(x) / len(x) for x in scores]
+
+    def _run_hf(self, rows: list[tuple[int, list[int], int]]) -> list[float]:
+        """Transformers' forward over the generation cache (models the tessera engine does not run).
 
         ``ids[:prefix_len]`` must equal the full prompt's first ``prefix_len`` tokens; the
         cached KV is used for them when available.  Rows are grouped by prefix length and

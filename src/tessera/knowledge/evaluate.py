@@ -55,25 +55,20 @@ def clean_generation(text: str) -> str:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
-    """Greedy answers for token-id prompts, in left-padded batches."""
-    import torch
+    """Greedy answers for token-id prompts, in batches of similar length, through
+    :meth:`tessera.lm.local.LocalLM.generate_batch` (tessera's engine for Llama-family models: the QA
+    template's shared prefix is computed once per batch, finished answers leave the batch)."""
+    from tessera.lm.local import LocalLM
 
-    from tessera.lm.local import left_pad
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
     model.eval()
+    lm = LocalLM(model, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad, device)
-        n = ids.shape[1]
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for r, i in enumerate(idx):
-            answers[i] = clean_generation(tokenizer.decode(out[r, n:], skip_special_tokens=True))
+        rows = lm.generate_batch([prompts[i] for i in idx], max_new_tokens=max_new_tokens)
+        for r, i in zip(rows, idx):
+            answers[i] = clean_generation(tokenizer.decode(r.token_ids, skip_special_tokens=True))
     return answers
 
 

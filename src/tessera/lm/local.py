@@ -115,6 +115,11 @@ class LocalLM:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.stop_ids = {int(i) for i in eos if i is not None}
+        from tessera.lm.engine import supports
+
+        # "tessera": the static-cache, shared-prefix engine (tessera.lm.engine) for Llama-family models;
+        # "hf": transformers' own forward / model.generate (any causal LM, and the reference the tests compare to)
+        self.engine = "tessera" if supports(model) else "hf"
 
     @classmethod
     def load(cls, spec: str = "default", device=None) -> "LocalLM":
@@ -130,6 +135,17 @@ class LocalLM:
     @property
     def context_window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def _engine(self, engine: str | None) -> str:
+        engine = engine or self.engine
+        if engine not in ("tessera", "hf"):
+            raise ValueError(f"unknown engine {engine!r}: use 'tessera' or 'hf'")
+        if engine == "tessera":
+            from tessera.lm.engine import supports
+
+            if not supports(self.model):
+                raise ValueError(f"the tessera engine runs Llama-family models; {type(self.model).__name__} needs engine='hf'")
+        return engine
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -152,7 +168,6 @@ class LocalLM:
                 f"{self.context_window}; shorten it or lower --max-new-tokens"
             )
 
-    @torch.inference_mode()
     def stream(
         self,
         input_ids: torch.Tensor,
@@ -161,22 +176,23 @@ class LocalLM:
         top_p: float = 1.0,
         seed: int = 0,
         stats: GenerationStats | None = None,
+        engine: str | None = None,
     ) -> Iterator[str]:
-        """Yield decoded text pieces as tokens are generated (batch size 1, KV cache)."""
-        from transformers import DynamicCache
+        """Yield decoded text pieces as tokens are generated (batch size 1, KV cache).
 
+        ``engine``: ``"tessera"`` (default for Llama-family models: static KV cache, no per-step cache copies)
+        or ``"hf"`` (transformers' forward with a ``DynamicCache``); greedy outputs are the same.
+        """
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = int(input_ids.shape[1])
         self.check_fits(stats.prompt_tokens, max_new_tokens)
+        engine = self._engine(engine)
         generator = torch.Generator(device=self.device).manual_seed(seed) if temperature > 0 else None
         t0 = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=input_ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         generated: list[int] = []
         emitted = ""
         stats.stop_reason = "length"
-        for step in range(max_new_tokens):
-            token = int(sample_next(logits, temperature, top_p, generator)[0])
+        for step, token in enumerate(self._token_stream(input_ids, max_new_tokens, temperature, top_p, generator, engine)):
             if step == 0:
                 stats.time_to_first_token_s = time.perf_counter() - t0
             if token in self.stop_ids:
@@ -188,10 +204,40 @@ class LocalLM:
             if not text.endswith("\ufffd") and len(text) > len(emitted):
                 yield text[len(emitted):]
                 emitted = text
+        stats.total_s = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _token_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                      generator, engine: str) -> Iterator[int]:
+        """Token ids one at a time (a stop token is yielded, then the stream ends)."""
+        if engine == "tessera":
+            from tessera.lm.engine import decode
+
+            def pick(logits, rows, states):
+                return sample_next(logits, temperature, top_p, generator)
+
+            prompt = input_ids[0].tolist()
+            seen = 0
+            for _, states in decode(self.model, [prompt], max_new_tokens, set(), pick, pad_id=self.pad_id):
+                tokens = states[0].tokens
+                for t in tokens[seen:]:
+                    yield t
+                    if t in self.stop_ids:
+                        return
+                seen = len(tokens)
+            return
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=input_ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        for step in range(max_new_tokens):
+            token = int(sample_next(logits, temperature, top_p, generator)[0])
+            yield token
+            if token in self.stop_ids:
+                return
             if step + 1 < max_new_tokens:
                 nxt = torch.tensor([[token]], device=self.device)
                 logits = self.model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1]
-        stats.total_s = time.perf_counter() - t0
 
     @property
     def pad_id(self) -> int:
@@ -207,19 +253,58 @@ class LocalLM:
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int = 0, stop_when=None, stop_check_every: int = 4,
-                       repetition_penalty: float = 1.0) -> list[BatchOutput]:
-        """Generate for several prompts in one left-padded batch (``model.generate`` with a KV cache).
+                       repetition_penalty: float = 1.0, engine: str | None = None) -> list[BatchOutput]:
+        """Generate for several prompts in one batch.
 
         Greedy when ``temperature == 0``, else temperature + top-p sampling seeded by
         ``seed``.  ``stop_when(text)`` (checked every ``stop_check_every`` tokens) ends a row
-        early, e.g. once a JSON object is complete.  Rows are independent: a row that
-        stops early is padded while the others continue.  Leaves :meth:`stream` (batch 1,
-        tessera's own loop) untouched.
+        early, e.g. once a JSON object is complete.  Rows are independent.
+
+        ``engine="tessera"`` (default for Llama-family models, :mod:`tessera.lm.engine`): the
+        prompts' common prefix is computed once, the KV cache is static and finished rows leave
+        the batch.  ``engine="hf"``: one left-padded ``model.generate`` call.  Greedy outputs agree
+        (tested); sampled ones use different random streams.
         """
         if not prompts:
             return []
         longest = max(len(p) for p in prompts)
         self.check_fits(longest, max_new_tokens)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if self._engine(engine) == "hf":
+            return self._generate_batch_hf(prompts, max_new_tokens, temperature, top_p, seed, stop_when,
+                                           stop_check_every, repetition_penalty)
+        from tessera.lm.engine import decode
+
+        generator = torch.Generator(device=self.device).manual_seed(int(seed)) if temperature > 0 else None
+
+        def pick(logits, rows, states):
+            if repetition_penalty != 1.0:
+                logits = logits.clone()
+                for b, row in enumerate(rows):
+                    seen = torch.tensor(sorted(set(prompts[row]) | set(states[row].tokens)), device=logits.device)
+                    val = logits[b, seen]
+                    logits[b, seen] = torch.where(val < 0, val * repetition_penalty, val / repetition_penalty)
+            return sample_next(logits, temperature, top_p, generator)
+
+        check = None
+        if stop_when is not None:
+            def check(row, tokens):
+                return bool(stop_when(self.tokenizer.decode(tokens, skip_special_tokens=True)))
+
+        states = []
+        steps = decode(self.model, prompts, int(max_new_tokens), self.stop_ids, pick, pad_id=self.pad_id,
+                       stop_when=check, stop_check_every=max(1, int(stop_check_every)))
+        with torch.inference_mode():
+            for _, states in steps:
+                pass
+        if not states:  # max_new_tokens == 0
+            return [BatchOutput([], "length") for _ in prompts]
+        return [BatchOutput(list(st.tokens), st.reason) for st in states]
+
+    def _generate_batch_hf(self, prompts, max_new_tokens, temperature, top_p, seed, stop_when, stop_check_every,
+                           repetition_penalty) -> list[BatchOutput]:
+        """One left-padded ``model.generate`` call (the reference the tessera engine is tested against)."""
         pad = self.pad_id
         ids, mask = left_pad(prompts, pad, self.device)
         kwargs = dict(max_new_tokens=int(max_new_tokens), pad_token_id=int(pad), eos_token_id=sorted(self.stop_ids))
@@ -246,12 +331,54 @@ class LocalLM:
                 results.append(BatchOutput(row, "length"))
         return results
 
-    def batched_last_logprobs(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Next-token log-probabilities [B, V] after each prompt, one left-padded forward pass."""
+    def batched_last_logprobs(self, prompts: list[list[int]], engine: str | None = None) -> torch.Tensor:
+        """Next-token log-probabilities [B, V] after each prompt.
+
+        ``engine="tessera"``: the prompts' common prefix (with the longest prompt) is computed once;
+        ``"hf"``: one left-padded forward pass."""
+        self.check_fits(max(len(p) for p in prompts), 0)
+        if self._engine(engine) == "tessera":
+            from tessera.lm.engine import last_logprobs
+
+            return last_logprobs(self.model, prompts, batch_size=len(prompts), pad_id=self.pad_id)
         pad = self.pad_id
         ids, mask = left_pad(prompts, pad, self.device)
-        self.check_fits(ids.shape[1], 0)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
         return torch.log_softmax(logits.float(), dim=-1)
+
+    def score(self, rows: list[tuple[list[int], int]], batch_size: int = 8, engine: str | None = None,
+              anchor: list[int] | None = None) -> list[list[float]]:
+        """Log-probability of each of the last ``n`` tokens of every ``(ids, n)`` row, in input order.
+
+        ``engine="tessera"``: the anchor (default: the longest row) runs once and each row reuses the KV of
+        its common prefix with it (SelfCite's ablations, which drop or keep sentences of one context, share
+        most of their tokens); ``"hf"``: one left-padded forward pass per batch over whole rows.
+        """
+        if not rows:
+            return []
+        self.check_fits(max(len(r) for r, _ in rows), 0)
+        if self._engine(engine) == "tessera":
+            from tessera.lm.engine import score_rows
+
+            out, self.last_score_stats = score_rows(self.model, rows, batch_size=batch_size, anchor=anchor,
+                                                    pad_id=self.pad_id)
+            return out
+        out = []
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            for seq, n in chunk:
+                if n < 1 or n >= len(seq):
+                    raise ValueError(f"a row of {len(seq)} tokens cannot score its last {n}: need 1 <= n < length")
+            ids, mask = left_pad([list(r) for r, _ in chunk], self.pad_id, self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            n_max = max(n for _, n in chunk)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                    logits_to_keep=n_max + 1).logits[:, :-1]
+            lp = torch.log_softmax(logits.float(), -1)
+            for r, (seq, n) in enumerate(chunk):
+                tgt = torch.tensor(list(seq[-n:]), device=lp.device)
+                out.append(lp[r, -n:].gather(-1, tgt[:, None])[:, 0].tolist())
+        return out

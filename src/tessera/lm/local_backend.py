@@ -1,8 +1,9 @@
 """The :class:`~tessera.lm.base.Backend` interface over a local transformers model (:class:`LocalLM`).
 
 Conversations are encoded with the tokenizer's chat template, sorted by length
-and generated ``batch_size`` at a time with left padding (:meth:`LocalLM.generate_batch`),
-which raises throughput on both CPU and GPU; results come back in input order.
+and generated ``batch_size`` at a time (:meth:`LocalLM.generate_batch`: tessera's engine, which
+computes the prompts' shared prefix once, or ``model.generate`` with ``engine="hf"``), which
+raises throughput on both CPU and GPU; results come back in input order.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class LocalBackend(Backend):
         self.batch_size = max(1, int(batch_size))
         self.repetition_penalty = float(repetition_penalty)
         self.name = f"local:{lm.name}"
+        self.engine: str | None = None  # None: the model's default (tessera.lm.engine for Llama-family models)
 
     @classmethod
     def load(cls, spec: str = "default", device=None, batch_size: int = 8, **kw) -> "LocalBackend":
@@ -56,7 +58,7 @@ class LocalBackend(Backend):
             try:
                 rows = self.lm.generate_batch([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p, seed=seed + b, stop_when=wrapped,
-                                              repetition_penalty=self.repetition_penalty)
+                                              repetition_penalty=self.repetition_penalty, engine=self.engine)
             except Exception as e:  # recorded, never raised: long jobs go on
                 if type(e).__name__ == "ContextTooLongError":
                     msg = str(e)
@@ -94,7 +96,7 @@ class LocalBackend(Backend):
         out: list[dict[str, float] | None] = [None] * len(prompts)
         for idx in self._batches(prompts, batch_size or self.batch_size):
             t0 = time.perf_counter()
-            logp = self.lm.batched_last_logprobs([prompts[i] for i in idx])
+            logp = self.lm.batched_last_logprobs([prompts[i] for i in idx], engine=self.engine)
             for row, i in enumerate(idx):
                 out[i] = {c: float(logp[row, ids].logsumexp(0)) for c, ids in cand.items()}
             self.stats.add(calls=1, conversations=len(idx), prompt_tokens=sum(len(prompts[i]) for i in idx),

@@ -1,0 +1,416 @@
+"""tessera's decoding and scoring engine for Llama-family transformers models.
+
+The engine runs the model's own modules (embedding, norms, projections, MLP, rotary
+embedding, LM head) and owns only what makes batched CPU inference slow in a generic
+stack: the key/value cache and the attention mask.
+
+- **Static KV cache** (:class:`KVBuffer`): one preallocated ``[B, kv_heads, capacity,
+  head_dim]`` tensor per layer and a ``[B, capacity]`` validity mask.  A decoding step
+  writes one column; nothing is concatenated (``DynamicCache`` copies the whole cache
+  on every token, which at batch 32 and 500-token prompts moves more bytes than the
+  weights).
+- **Shared prefixes computed once** (:func:`prefill_rows`): rows are laid out as
+  ``[anchor prefix | hole | own suffix]``.  The anchor's KV (e.g. the instruction and
+  one-shot example that every ReasonIR synthesis prompt shares, or the full context
+  of which SelfCite's ablations drop sentences) is computed once at batch 1 and copied
+  into every row; a row keeps the first ``p_r`` anchor columns it shares and masks the
+  rest (the hole), and only its own suffix is run through the model.  Position ids are
+  per row, so the model sees exactly the token sequence it would see unpadded.
+- **Rows leave the batch** (:meth:`KVBuffer.keep`): a finished row is compacted out,
+  so the batch never computes for rows that have stopped.
+- **Logits only where needed**: the LM head (49k x 576 for SmolLM2) runs on the last
+  column when decoding and on the scored tokens when scoring.
+
+Greedy outputs equal ``model.generate``'s on the embedded model (tested); the float
+sums inside a matrix product may differ in the last bits when a batch is laid out
+differently, which ``benchmarks/lm.py`` measures as the share of identical rows.
+Architectures the engine does not know (``supports(model)`` is False) keep
+transformers' own forward (``engine="hf"`` in :class:`~tessera.lm.local.LocalLM`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports(model) -> bool:
+    """Whether the engine can run ``model`` (a Llama-shaped causal LM without sliding windows or q/k norms)."""
+    cfg = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if cfg is None or inner is None or getattr(cfg, "model_type", None) not in SUPPORTED_TYPES:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type != "llama":
+        return False
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(model, "lm_head"):
+        return False
+    attn = inner.layers[0].self_attn
+    return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) and not hasattr(attn, "q_norm")
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class KVBuffer:
+    """Preallocated keys/values for ``B`` rows and ``capacity`` columns, plus which columns each row attends to."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        cfg = model.config
+        p = next(model.parameters())
+        self.n_layers = len(model.model.layers)
+        attn = model.model.layers[0].self_attn
+        self.head_dim = int(getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads))
+        self.kv_heads = int(cfg.num_key_value_heads)
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in range(self.n_layers)]
+        self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in range(self.n_layers)]
+        self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=p.device)
+        self.used = 0  # columns written so far (the same for every row)
+        self.capacity = capacity
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    def keep(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only ``rows`` (compaction after rows finished); copies the used columns once."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
+        u = self.used
+        for layer in range(self.n_layers):
+            k = self.k[layer].new_empty((len(idx), self.kv_heads, self.capacity, self.head_dim))
+            v = torch.empty_like(k)
+            k[:, :, :u] = self.k[layer][idx, :, :u]
+            v[:, :, :u] = self.v[layer][idx, :, :u]
+            self.k[layer], self.v[layer] = k, v
+        self.valid = self.valid[idx].clone()
+
+    @classmethod
+    def from_cache(cls, model, cache, length: int) -> "KVBuffer | None":
+        """The first ``length`` columns of row 0 of a transformers ``DynamicCache`` (e.g. the one generation
+        filled) as a batch-1 buffer; ``None`` when the cache is not a plain per-layer key/value cache."""
+        layers = getattr(cache, "layers", None)
+        if not layers or len(layers) != len(model.model.layers) or length <= 0:
+            return None
+        if any(getattr(layer, "keys", None) is None or layer.keys.shape[2] < length for layer in layers):
+            return None
+        kv = cls(model, 1, length)
+        for i, layer in enumerate(layers):
+            kv.k[i][:] = layer.keys[:1, :, :length]
+            kv.v[i][:] = layer.values[:1, :, :length]
+        kv.valid[:] = True
+        kv.used = length
+        return kv
+
+    def copy_prefix(self, src: "KVBuffer", length: int) -> None:
+        """Columns ``[0, length)`` of ``src``'s row 0 into every row here (the shared anchor prefix)."""
+        for layer in range(self.n_layers):
+            self.k[layer][:, :, :length] = src.k[layer][:1, :, :length]
+            self.v[layer][:, :, :length] = src.v[layer][:1, :, :length]
+
+
+@torch.inference_mode()
+def forward(model, kv: KVBuffer, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+            logits_last: int = 1) -> torch.Tensor | None:
+    """Run ``ids`` [B, T] as the next ``T`` columns of ``kv``; returns logits [B, logits_last, V] of the last columns
+    (``logits_last=0``: no LM head).
+
+    ``positions`` [B, T] are the rotary positions, ``valid`` [B, T] which new columns are real tokens (a
+    padding column is never attended to by another).  A query attends to valid columns at or before its own;
+    every query also attends to itself, so a padding query has a defined (unused) output.
+    """
+    inner = model.model
+    B, T = ids.shape
+    c0 = kv.used
+    end = c0 + T
+    if end > kv.capacity:
+        raise ValueError(f"KV buffer holds {kv.capacity} columns, {end} needed")
+    kv.valid[:, c0:end] = valid
+    cols = torch.arange(end, device=ids.device)
+    qcols = torch.arange(c0, end, device=ids.device)
+    mask = kv.valid[:, None, None, :end] & (cols[None, None, None, :] <= qcols[None, None, :, None])
+    mask = mask | (cols[None, None, None, :] == qcols[None, None, :, None])
+    h = inner.embed_tokens(ids)
+    cos, sin = inner.rotary_emb(h, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    for li, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(B, T, -1, kv.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, -1, kv.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, -1, kv.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv.k[li][:, :, c0:end] = k
+        kv.v[li][:, :, c0:end] = v
+        o = F.scaled_dot_product_attention(q, kv.k[li][:, :, :end], kv.v[li][:, :, :end], attn_mask=mask,
+                                           scale=attn.scaling, enable_gqa=q.shape[1] != kv.kv_heads)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    kv.used = end
+    if logits_last <= 0:
+        return None
+    return model.lm_head(inner.norm(h[:, -logits_last:]))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Prefilled:
+    kv: KVBuffer
+    logits: torch.Tensor  # [B, logits_last, V]
+    next_pos: torch.Tensor  # [B] rotary position of each row's next token
+    computed_tokens: int  # tokens run through the model (the suffixes)
+    passes: int = 1  # forward passes (one per group of similar suffix lengths)
+
+
+def anchor_kv(model, anchor: Sequence[int], capacity: int | None = None) -> KVBuffer:
+    """The anchor's KV at batch 1 (computed once, copied into every row that shares a prefix with it)."""
+    kv = KVBuffer(model, 1, capacity or max(1, len(anchor)))
+    if anchor:
+        x = torch.tensor([list(anchor)], dtype=torch.long, device=kv.valid.device)
+        forward(model, kv, x, torch.arange(len(anchor), device=x.device)[None], torch.ones_like(x, dtype=torch.bool),
+                logits_last=0)
+    return kv
+
+
+def length_groups(lengths: Sequence[int], chunk_tokens: int = 8192, max_waste: float = 0.2) -> list[list[int]]:
+    """Row indices grouped for prefill: similar lengths together (a row shorter than ``1 - max_waste`` of its
+    group's longest starts a new group) and at most ``chunk_tokens`` padded tokens per group."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            g = groups[-1]
+            top = lengths[g[0]]
+            if lengths[i] >= (1 - max_waste) * top and (len(g) + 1) * top <= chunk_tokens:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def prefill_rows(model, rows: Sequence[Sequence[int]], shared: Sequence[int], anchor: KVBuffer | None,
+                 extra_capacity: int, logits_last: int = 1, pad_id: int = 0, chunk_tokens: int = 8192,
+                 max_waste: float = 0.2, before_pass: Callable[[], None] | None = None) -> Prefilled:
+    """Lay out ``rows`` as ``[anchor prefix | hole | suffix]`` and run their suffixes through the model.
+
+    ``shared[r]`` is how many leading tokens row ``r`` shares with the anchor (at most ``len(row) - 1``);
+    ``anchor`` holds the anchor's KV for at least ``max(shared)`` columns.  Suffixes are left-padded, so every
+    row's last token is in the last column and ``logits_last`` columns of logits are returned for all rows.
+    Suffixes of similar length run together (:func:`length_groups`), so a batch of mixed lengths does not
+    compute padding; each group's keys and values are then copied into the shared buffer.
+    ``extra_capacity`` columns are left free for decoding; ``before_pass()`` is called before every forward pass.
+    """
+    B = len(rows)
+    P = max(shared) if anchor is not None else 0
+    starts = [s if anchor is not None else 0 for s in shared]
+    suffixes = [list(r[s:]) for r, s in zip(rows, starts)]
+    S = max(len(x) for x in suffixes)
+    device = next(model.parameters()).device
+    kv = KVBuffer(model, B, P + S + extra_capacity)
+    groups = length_groups([len(x) for x in suffixes], chunk_tokens, max_waste)
+    logits = None
+    if P and len(groups) > 1:
+        kv.copy_prefix(anchor, P)
+        for r in range(B):
+            kv.valid[r, :starts[r]] = True
+    for g in groups:
+        Sg = max(len(suffixes[i]) for i in g)
+        sub = kv if len(groups) == 1 else KVBuffer(model, len(g), P + Sg)
+        if P:
+            sub.copy_prefix(anchor, P)
+            for r, i in enumerate(g if sub is not kv else range(B)):
+                sub.valid[r, :starts[i]] = True
+            sub.used = P
+        members = g if sub is not kv else list(range(B))
+        ids = torch.full((len(members), Sg), int(pad_id), dtype=torch.long)
+        pos = torch.zeros((len(members), Sg), dtype=torch.long)
+        valid = torch.zeros((len(members), Sg), dtype=torch.bool)
+        for r, i in enumerate(members):
+            n = len(suffixes[i])
+            ids[r, Sg - n:] = torch.tensor(suffixes[i], dtype=torch.long)
+            pos[r, Sg - n:] = torch.arange(starts[i], starts[i] + n)
+            valid[r, Sg - n:] = True
+        if before_pass is not None:
+            before_pass()
+        lg = forward(model, sub, ids.to(device), pos.to(device), valid.to(device), logits_last=logits_last)
+        if sub is kv:
+            logits = lg
+            break
+        if logits is None and lg is not None:
+            logits = lg.new_zeros((B, logits_last, lg.shape[-1]))
+        if lg is not None:
+            logits[g, logits_last - lg.shape[1]:] = lg
+        idx = torch.tensor(g, dtype=torch.long, device=device)
+        lo = P + S - Sg
+        for layer in range(kv.n_layers):
+            kv.k[layer][idx, :, lo:P + S] = sub.k[layer][:, :, P:P + Sg]
+            kv.v[layer][idx, :, lo:P + S] = sub.v[layer][:, :, P:P + Sg]
+            if lo > P:  # columns no row of this group uses: zeros, never garbage, under the mask
+                kv.k[layer][idx, :, P:lo] = 0
+                kv.v[layer][idx, :, P:lo] = 0
+        kv.valid[idx, P:P + S] = False
+        kv.valid[idx, lo:P + S] = sub.valid[:, P:P + Sg]
+    kv.used = P + S
+    next_pos = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+    return Prefilled(kv, logits, next_pos, sum(len(s) for s in suffixes), len(groups))
+
+
+def shared_lengths(rows: Sequence[Sequence[int]], anchor: Sequence[int], keep_last: Sequence[int] | int = 1) -> list[int]:
+    """How many leading tokens each row takes from the anchor's KV: its common prefix with the anchor, leaving at
+    least ``keep_last`` tokens (the ones whose logits are needed) to run."""
+    keep = [keep_last] * len(rows) if isinstance(keep_last, int) else list(keep_last)
+    return [max(0, min(common_prefix(r, anchor), len(r) - k)) for r, k in zip(rows, keep)]
+
+
+# ------------------------------------------------------------------------------------------ decoding
+@dataclass
+class RowState:
+    tokens: list[int]
+    done: bool = False
+    reason: str = "length"
+
+
+def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int],
+           pick: Callable[[torch.Tensor, list[int], list["RowState"]], torch.Tensor], *, pad_id: int = 0,
+           stop_when: Callable[[int, list[int]], bool] | None = None, stop_check_every: int = 4,
+           compact_fraction: float = 0.25, share_prefix: bool = True) -> Iterator[tuple[list[int], list[RowState]]]:
+    """Greedy or sampled decoding of several prompts at once; yields after every step
+    ``(rows that received a token this step, all row states)``.
+
+    ``pick(logits [b, V], row_ids, states)`` chooses the next token of each active row.  A row ends on a stop token
+    (not kept), when ``stop_when(row, new_tokens)`` says so (checked every ``stop_check_every`` tokens) or at
+    ``max_new_tokens``.  Finished rows are compacted out of the batch once they make up
+    ``compact_fraction`` of it.  The longest common prefix of all prompts is computed once
+    (``share_prefix``).
+    """
+    states = [RowState([]) for _ in prompts]
+    if max_new_tokens <= 0 or not prompts:
+        return
+    if share_prefix and len(prompts) > 1:
+        lcp = min(common_prefix(prompts[0], p) for p in prompts[1:])
+        lcp = min(lcp, min(len(p) for p in prompts) - 1)
+    else:
+        lcp = 0
+    if lcp > 0:
+        anc = anchor_kv(model, prompts[0][:lcp])
+        pre = prefill_rows(model, prompts, [lcp] * len(prompts), anc, max_new_tokens, pad_id=pad_id)
+        del anc
+    else:
+        pre = prefill_rows(model, prompts, [0] * len(prompts), None, max_new_tokens, pad_id=pad_id)
+    kv, logits, pos = pre.kv, pre.logits[:, -1], pre.next_pos
+    active = list(range(len(prompts)))  # batch row -> prompt index
+    device = pos.device
+    for step in range(max_new_tokens):
+        chosen = pick(logits, active, states).tolist()
+        got = []
+        for b, (row, tok) in enumerate(zip(active, chosen)):
+            st = states[row]
+            if st.done:
+                continue
+            if tok in stop_ids:
+                st.done, st.reason = True, "eos"
+                continue
+            st.tokens.append(int(tok))
+            got.append(row)
+            if len(st.tokens) >= max_new_tokens:
+                st.done, st.reason = True, "length"
+            elif stop_when is not None and len(st.tokens) % stop_check_every == 0 and stop_when(row, st.tokens):
+                st.done, st.reason = True, "stop_when"
+        yield got, states
+        live = [b for b, row in enumerate(active) if not states[row].done]
+        if not live:
+            return
+        if len(active) - len(live) >= max(1, int(compact_fraction * len(active))):
+            kv.keep(live)
+            pos = pos[live]
+            active = [active[b] for b in live]
+            chosen = [chosen[b] for b in live]
+        x = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
+        logits = forward(model, kv, x, pos[:, None], torch.ones_like(x, dtype=torch.bool))[:, -1]
+        pos = pos + 1
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def score_rows(model, rows: Sequence[tuple[Sequence[int], int]], batch_size: int = 8,
+               anchor: Sequence[int] | None = None, pad_id: int = 0, anchor_buffer: KVBuffer | None = None,
+               before_pass: Callable[[], None] | None = None) -> tuple[list[list[float]], dict]:
+    """Log-probabilities of the last ``n`` tokens of each ``(ids, n)`` row (``n = 0``: nothing, the row's
+    next-token distribution is not returned here; see :func:`last_logprobs`).
+
+    The anchor (default: the longest row) is run once; every row reuses the KV of its common prefix with
+    it.  Rows are sorted by that shared length so a batch wastes few masked columns.  ``anchor_buffer``: the
+    anchor's KV when the caller already has it (e.g. from generation; it must hold ``len(anchor)`` columns),
+    so the anchor is not run again.  ``before_pass()`` is called before every forward pass (cancellation).
+    Returns the scores in input order and ``{"tokens": tokens in the rows, "computed_tokens": tokens run
+    through the model, "passes": forward passes}``.
+    """
+    if not rows:
+        return [], {"tokens": 0, "computed_tokens": 0}
+    seqs = [list(r) for r, _ in rows]
+    ns = [int(n) for _, n in rows]
+    for s, n in zip(seqs, ns):
+        if n < 1 or n >= len(s):
+            raise ValueError(f"a row of {len(s)} tokens cannot score its last {n}: need 1 <= n < length")
+    anchor = list(anchor) if anchor is not None else max(seqs, key=len)
+    shared = shared_lengths(seqs, anchor, [n + 1 for n in ns])
+    P = max(shared)
+    passes, computed = 0, 0
+    if anchor_buffer is not None:
+        if anchor_buffer.used < len(anchor):
+            raise ValueError(f"the anchor buffer holds {anchor_buffer.used} columns, the anchor has {len(anchor)} tokens")
+        anc = anchor_buffer if P > 0 else None
+    elif P > 0:
+        if before_pass is not None:
+            before_pass()
+        anc = anchor_kv(model, anchor[:P])
+        passes, computed = 1, P
+    else:
+        anc = None
+    order = sorted(range(len(seqs)), key=lambda i: (-shared[i], -len(seqs[i])))
+    out: list[list[float] | None] = [None] * len(seqs)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        n_max = max(ns[i] for i in chunk)
+        pre = prefill_rows(model, [seqs[i] for i in chunk], [shared[i] for i in chunk], anc, 0,
+                           logits_last=n_max + 1, pad_id=pad_id, before_pass=before_pass)
+        computed += pre.computed_tokens
+        passes += pre.passes
+        lp = torch.log_softmax(pre.logits[:, :-1].float(), -1)
+        for r, i in enumerate(chunk):
+            n = ns[i]
+            tgt = torch.tensor(seqs[i][-n:], device=lp.device)
+            out[i] = lp[r, -n:].gather(-1, tgt[:, None])[:, 0].tolist()
+    return out, {"tokens": sum(map(len, seqs)), "computed_tokens": computed, "passes": passes}  # type: ignore[return-value]
+
+
+def last_logprobs(model, prompts: Sequence[Sequence[int]], batch_size: int = 8, pad_id: int = 0) -> torch.Tensor:
+    """Next-token log-probabilities [N, V] after each prompt; the prompts' common prefix with the longest
+    prompt is computed once."""
+    seqs = [list(p) for p in prompts]
+    anchor = max(seqs, key=len)
+    shared = shared_lengths(seqs, anchor, 1)
+    P = max(shared)
+    anc = anchor_kv(model, anchor[:P]) if P > 0 else None
+    order = sorted(range(len(seqs)), key=lambda i: (-shared[i], -len(seqs[i])))
+    out = [None] * len(seqs)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        pre = prefill_rows(model, [seqs[i] for i in chunk], [shared[i] for i in chunk], anc, 0, pad_id=pad_id)
+        lp = torch.log_softmax(pre.logits[:, -1].float(), -1)
+        for r, i in enumerate(chunk):
+            out[i] = lp[r]
+    return torch.stack(out)  # type: ignore[arg-type]
