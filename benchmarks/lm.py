@@ -60,10 +60,12 @@ def timed(fn):
 
 
 # --------------------------------------------------------------------------------- batch-1 decode
-def hf_generate(lm: LocalLM, ids: list[int], max_new_tokens: int, min_new: bool = True):
+def hf_generate(lm: LocalLM, ids: list[int], max_new_tokens: int, min_new: bool = True, prompt_lookup: int = 0):
     x = torch.tensor([ids])
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
               pad_token_id=lm.pad_id)
+    if prompt_lookup:
+        kw["prompt_lookup_num_tokens"] = prompt_lookup
     if min_new:
         kw["min_new_tokens"] = max_new_tokens
     with torch.inference_mode():
@@ -87,11 +89,23 @@ def batch1(lm: LocalLM, lengths, new_tokens: int) -> dict:
         row = {
             "prompt_tokens": L,
             "tessera": {"new_tokens": st.new_tokens, "time_to_first_token_s": round(st.time_to_first_token_s, 3),
-                        "decode_tokens_per_s": round(st.tokens_per_s, 2), "wall_s": round(t_stream, 2)},
+                        "decode_tokens_per_s": round(st.tokens_per_s, 2), "wall_s": round(t_stream, 2),
+                        "lookup_drafted": st.drafted_tokens, "lookup_accepted": st.accepted_tokens},
             "generate": {"new_tokens": n_hf, "time_to_first_token_s": round(ttft_hf, 3),
                          "decode_tokens_per_s": round((n_hf - 1) / max(t_hf - ttft_hf, 1e-9), 2), "wall_s": round(t_hf, 2)},
             "same_text": lm.tokenizer.decode([t for t in gen if t not in lm.stop_ids], skip_special_tokens=True) == text,
         }
+        if hasattr(lm, "lookup_tokens"):  # the engine without prompt-lookup speculation, and generate with it
+            keep, lm.lookup_tokens = lm.lookup_tokens, 0
+            st0 = GenerationStats()
+            t0, text0 = timed(lambda: "".join(lm.stream(torch.tensor([ids]), max_new_tokens=new_tokens, stats=st0)))
+            lm.lookup_tokens = keep
+            row["tessera_no_lookup"] = {"decode_tokens_per_s": round(st0.tokens_per_s, 2), "wall_s": round(t0, 2),
+                                        "same_text": text0 == text}
+            t_pl, gen_pl = timed(lambda: hf_generate(lm, ids, new_tokens, min_new=False, prompt_lookup=keep))
+            n_pl = len([t for t in gen_pl if t not in lm.stop_ids])
+            row["generate_prompt_lookup"] = {"decode_tokens_per_s": round((n_pl - 1) / max(t_pl - ttft_hf, 1e-9), 2),
+                                             "wall_s": round(t_pl, 2), "same_tokens": gen_pl == gen}
         row["decode_ratio_tessera_over_generate"] = round(row["tessera"]["decode_tokens_per_s"] / max(row["generate"]["decode_tokens_per_s"], 1e-9), 3)
         out[str(L)] = row
         print(f"batch1 L={L}: {row}", flush=True)

@@ -172,3 +172,40 @@ def test_embedded_greedy_outputs_identical_to_model_generate(embedded_lm):
     rows = [(p + r.token_ids, len(r.token_ids)) for p, r in zip(prompts, ref) if len(r.token_ids) > 1]
     for a, b in zip(lm.score(rows, engine="tessera"), lm.score(rows, engine="hf")):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+
+
+def test_ngram_index_drafts_the_most_recent_continuation():
+    idx = E.NgramIndex([1, 2, 3, 4, 1, 2, 5, 6, 9, 1, 2], n_max=3)
+    assert idx.draft(3) == [5, 6, 9]  # (9, 1, 2) never seen before; (1, 2) last followed by 5
+    idx.append(5)
+    assert idx.draft(2) == [6, 9]  # (1, 2, 5) seen at 4
+    assert E.NgramIndex([7, 8], n_max=2).draft(4) == []
+    assert E.NgramIndex([3, 3], n_max=2).draft(4) == [3]
+
+
+def test_prompt_lookup_keeps_greedy_output_with_accepted_and_rejected_drafts(tiny_lm, monkeypatch):
+    from tessera.lm.local import GenerationStats
+
+    row = rows_with_shared_prefix(6)[1]
+    ref = tiny_lm.generate_batch([row], max_new_tokens=24, engine="hf")[0].token_ids
+    n_prompt = len(row)
+
+    def oracle(self, k):  # the true continuation, its last draft token wrong: exercises both paths
+        done = len(self.tokens) - n_prompt
+        d = list(ref[done:done + k])
+        if len(d) >= 3:
+            d[-1] = (d[-1] + 1) % 1000
+        return d
+
+    monkeypatch.setattr(E.NgramIndex, "draft", oracle)
+    st = GenerationStats()
+    text = "".join(tiny_lm.stream(torch.tensor([row]), max_new_tokens=24, stats=st))
+    assert text == tiny_lm.tokenizer.decode(ref, skip_special_tokens=True)
+    assert 0 < st.accepted_tokens < st.drafted_tokens
+    out = tiny_lm.generate_batch([row], max_new_tokens=24, engine="tessera")[0]
+    assert out.token_ids == ref
+    tiny_lm.lookup_tokens = 0
+    try:
+        assert tiny_lm.generate_batch([row], max_new_tokens=24, engine="tessera")[0].token_ids == ref
+    finally:
+        tiny_lm.lookup_tokens = 10

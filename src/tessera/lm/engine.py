@@ -282,12 +282,15 @@ class RowState:
     tokens: list[int]
     done: bool = False
     reason: str = "length"
+    drafted: int = 0  # prompt-lookup speculation: draft tokens proposed / accepted
+    accepted: int = 0
 
 
 def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int],
            pick: Callable[[torch.Tensor, list[int], list["RowState"]], torch.Tensor], *, pad_id: int = 0,
            stop_when: Callable[[int, list[int]], bool] | None = None, stop_check_every: int = 4,
-           compact_fraction: float = 0.25, share_prefix: bool = True) -> Iterator[tuple[list[int], list[RowState]]]:
+           compact_fraction: float = 0.25, share_prefix: bool = True,
+           lookup: int = 0) -> Iterator[tuple[list[int], list[RowState]]]:
     """Greedy or sampled decoding of several prompts at once; yields after every step
     ``(rows that received a token this step, all row states)``.
 
@@ -296,7 +299,13 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
     ``max_new_tokens``.  Finished rows are compacted out of the batch once they make up
     ``compact_fraction`` of it.  The longest common prefix of all prompts is computed once
     (``share_prefix``).
+
+    ``lookup > 0`` (one prompt, greedy ``pick`` only): prompt-lookup speculation (:func:`decode_lookup`).
     """
+    if lookup > 0 and len(prompts) == 1:
+        yield from decode_lookup(model, prompts[0], max_new_tokens, stop_ids, pick, lookup, stop_when=stop_when,
+                                 stop_check_every=stop_check_every, pad_id=pad_id)
+        return
     states = [RowState([]) for _ in prompts]
     if max_new_tokens <= 0 or not prompts:
         return
@@ -342,6 +351,94 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
         x = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
         logits = forward(model, kv, x, pos[:, None], torch.ones_like(x, dtype=torch.bool))[:, -1]
         pos = pos + 1
+
+
+class NgramIndex:
+    """Where each n-gram (n <= ``n_max``) of a growing token list last occurred with a token after it."""
+
+    def __init__(self, tokens: Sequence[int], n_max: int = 3):
+        self.tokens: list[int] = []
+        self.n_max = n_max
+        self.last: dict[tuple[int, ...], int] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(int(token))
+        i = len(self.tokens) - 1  # the n-grams ending just before the new token now have a follower
+        for n in range(1, self.n_max + 1):
+            if i - n >= 0:
+                self.last[tuple(self.tokens[i - n:i])] = i - n
+
+    def draft(self, k: int) -> list[int]:
+        """The ``k`` tokens that followed the most recent earlier occurrence of the last n-gram, longest n first."""
+        L = len(self.tokens)
+        for n in range(min(self.n_max, L), 0, -1):
+            s = self.last.get(tuple(self.tokens[L - n:]))
+            if s is not None:
+                return self.tokens[s + n:s + n + k]
+        return []
+
+
+def decode_lookup(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: set[int], pick, k: int, *,
+                  stop_when=None, stop_check_every: int = 4, pad_id: int = 0, n_max: int = 3):
+    """Greedy batch-1 decoding with prompt-lookup speculation (Saxena 2023, "Prompt Lookup Decoding"; transformers'
+    ``prompt_lookup_num_tokens``).
+
+    After each token the continuation of the last n-gram's most recent earlier occurrence in prompt + output
+    (up to ``k`` tokens) is proposed and checked in the same forward pass that runs the token: on this CPU one
+    pass costs about the same for 1 or 10 tokens (the weights are read once), so every accepted draft token is
+    nearly free.  A draft token is kept only while it equals the model's greedy choice, so the output is
+    greedy decoding's; rejected columns are overwritten by the next pass.  Yields like :func:`decode`; the
+    statistics of accepted tokens are on the last yielded state (``RowState.drafted``, ``accepted``).
+    """
+    st = RowState([])
+    states = [st]
+    index = NgramIndex(prompt, n_max)
+    pre = prefill_rows(model, [prompt], [0], None, max_new_tokens, pad_id=pad_id)
+    kv, logits, pos = pre.kv, pre.logits[:, -1], int(pre.next_pos[0])
+    device = logits.device
+    st.drafted = st.accepted = 0
+
+    def emit(tok: int) -> bool:
+        """Book-keep one token; True when the row has ended."""
+        if tok in stop_ids:
+            st.done, st.reason = True, "eos"
+            return True
+        st.tokens.append(tok)
+        index.append(tok)
+        if len(st.tokens) >= max_new_tokens:
+            st.done, st.reason = True, "length"
+        elif stop_when is not None and len(st.tokens) % stop_check_every == 0 and stop_when(0, st.tokens):
+            st.done, st.reason = True, "stop_when"
+        return st.done
+
+    while True:
+        tok = int(pick(logits, [0], states)[0])
+        ended = emit(tok)
+        yield ([0] if tok not in stop_ids else []), states
+        if ended:
+            return
+        draft = index.draft(min(k, max_new_tokens - len(st.tokens)))
+        x = torch.tensor([[tok] + draft], dtype=torch.long, device=device)
+        c0 = kv.used
+        out = forward(model, kv, x, torch.arange(pos, pos + x.shape[1], device=device)[None],
+                      torch.ones_like(x, dtype=torch.bool), logits_last=x.shape[1])[0]
+        j = 0
+        if draft:
+            preds = out[:-1].argmax(-1).tolist()
+            while j < len(draft) and preds[j] == draft[j]:
+                j += 1
+            st.drafted += len(draft)
+            st.accepted += j
+            for d in draft[:j]:
+                ended = emit(d)
+                yield ([0] if d not in stop_ids else []), states
+                if ended:
+                    return
+        kv.used = c0 + 1 + j
+        pos += 1 + j
+        logits = out[j:j + 1]
 
 
 # ------------------------------------------------------------------------------------------ scoring

@@ -24,6 +24,8 @@ class GenerationStats:
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     stop_reason: str = ""
+    drafted_tokens: int = 0  # prompt-lookup speculation (greedy, tessera engine): tokens proposed / accepted
+    accepted_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -120,6 +122,9 @@ class LocalLM:
         # "tessera": the static-cache, shared-prefix engine (tessera.lm.engine) for Llama-family models;
         # "hf": transformers' own forward / model.generate (any causal LM, and the reference the tests compare to)
         self.engine = "tessera" if supports(model) else "hf"
+        # greedy batch-1 decoding on the tessera engine checks up to this many prompt-lookup draft tokens per
+        # pass (tessera.lm.engine.decode_lookup; the output is greedy decoding's); 0 turns it off
+        self.lookup_tokens = 10
 
     @classmethod
     def load(cls, spec: str = "default", device=None) -> "LocalLM":
@@ -192,7 +197,8 @@ class LocalLM:
         generated: list[int] = []
         emitted = ""
         stats.stop_reason = "length"
-        for step, token in enumerate(self._token_stream(input_ids, max_new_tokens, temperature, top_p, generator, engine)):
+        for step, token in enumerate(self._token_stream(input_ids, max_new_tokens, temperature, top_p, generator, engine,
+                                                        stats)):
             if step == 0:
                 stats.time_to_first_token_s = time.perf_counter() - t0
             if token in self.stop_ids:
@@ -208,7 +214,7 @@ class LocalLM:
 
     @torch.inference_mode()
     def _token_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
-                      generator, engine: str) -> Iterator[int]:
+                      generator, engine: str, stats: GenerationStats) -> Iterator[int]:
         """Token ids one at a time (a stop token is yielded, then the stream ends)."""
         if engine == "tessera":
             from tessera.lm.engine import decode
@@ -218,13 +224,16 @@ class LocalLM:
 
             prompt = input_ids[0].tolist()
             seen = 0
-            for _, states in decode(self.model, [prompt], max_new_tokens, set(), pick, pad_id=self.pad_id):
-                tokens = states[0].tokens
-                for t in tokens[seen:]:
+            lookup = self.lookup_tokens if temperature <= 0 else 0
+            for _, states in decode(self.model, [prompt], max_new_tokens, set(), pick, pad_id=self.pad_id,
+                                    lookup=lookup):
+                st = states[0]
+                stats.drafted_tokens, stats.accepted_tokens = st.drafted, st.accepted
+                for t in st.tokens[seen:]:
                     yield t
                     if t in self.stop_ids:
                         return
-                seen = len(tokens)
+                seen = len(st.tokens)
             return
         from transformers import DynamicCache
 
@@ -293,8 +302,10 @@ class LocalLM:
                 return bool(stop_when(self.tokenizer.decode(tokens, skip_special_tokens=True)))
 
         states = []
+        greedy = temperature <= 0 and repetition_penalty == 1.0
         steps = decode(self.model, prompts, int(max_new_tokens), self.stop_ids, pick, pad_id=self.pad_id,
-                       stop_when=check, stop_check_every=max(1, int(stop_check_every)))
+                       stop_when=check, stop_check_every=max(1, int(stop_check_every)),
+                       lookup=self.lookup_tokens if greedy else 0)
         with torch.inference_mode():
             for _, states in steps:
                 pass
