@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+MIN_SHARED = 16  # a shared prefix shorter than this is not worth an anchor pass
 
 
 def supports(model) -> bool:
@@ -135,10 +136,16 @@ def forward(model, kv: KVBuffer, ids: torch.Tensor, positions: torch.Tensor, val
     if end > kv.capacity:
         raise ValueError(f"KV buffer holds {kv.capacity} columns, {end} needed")
     kv.valid[:, c0:end] = valid
-    cols = torch.arange(end, device=ids.device)
-    qcols = torch.arange(c0, end, device=ids.device)
-    mask = kv.valid[:, None, None, :end] & (cols[None, None, None, :] <= qcols[None, None, :, None])
-    mask = mask | (cols[None, None, None, :] == qcols[None, None, :, None])
+    # the mask: none when every column so far is a real token (a causal prefill from column 0 uses SDPA's
+    # causal kernel, a one-token step attends to everything), else valid columns at or before the query
+    dense = bool(kv.valid[:, :end].all())
+    causal = dense and c0 == 0 and T > 1
+    mask = None
+    if not dense or (T > 1 and not causal):
+        cols = torch.arange(end, device=ids.device)
+        qcols = torch.arange(c0, end, device=ids.device)
+        mask = kv.valid[:, None, None, :end] & (cols[None, None, None, :] <= qcols[None, None, :, None])
+        mask = mask | (cols[None, None, None, :] == qcols[None, None, :, None])
     h = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(h, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -152,14 +159,25 @@ def forward(model, kv: KVBuffer, ids: torch.Tensor, positions: torch.Tensor, val
         k = k * cos + _rotate_half(k) * sin
         kv.k[li][:, :, c0:end] = k
         kv.v[li][:, :, c0:end] = v
-        o = F.scaled_dot_product_attention(q, kv.k[li][:, :, :end], kv.v[li][:, :, :end], attn_mask=mask,
-                                           scale=attn.scaling, enable_gqa=q.shape[1] != kv.kv_heads)
+        o = _attend(q, kv.k[li][:, :, :end], kv.v[li][:, :, :end], mask, causal, attn.scaling)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     kv.used = end
     if logits_last <= 0:
         return None
     return model.lm_head(inner.norm(h[:, -logits_last:]))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+            scale: float) -> torch.Tensor:
+    """SDPA with grouped-query heads.  A one-token step packs the query heads of each key/value head into
+    rows (as transformers does for decoding), so keys and values are never repeated per query head."""
+    B, H, T, D = q.shape
+    kvh = k.shape[1]
+    if T == 1 and H != kvh:
+        o = F.scaled_dot_product_attention(q.reshape(B, kvh, H // kvh, D), k, v, attn_mask=mask, scale=scale)
+        return o.reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=H != kvh)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -312,6 +330,7 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_id
     if share_prefix and len(prompts) > 1:
         lcp = min(common_prefix(prompts[0], p) for p in prompts[1:])
         lcp = min(lcp, min(len(p) for p in prompts) - 1)
+        lcp = lcp if lcp >= MIN_SHARED else 0
     else:
         lcp = 0
     if lcp > 0:
@@ -464,6 +483,8 @@ def score_rows(model, rows: Sequence[tuple[Sequence[int], int]], batch_size: int
             raise ValueError(f"a row of {len(s)} tokens cannot score its last {n}: need 1 <= n < length")
     anchor = list(anchor) if anchor is not None else max(seqs, key=len)
     shared = shared_lengths(seqs, anchor, [n + 1 for n in ns])
+    if anchor_buffer is None and max(shared) < MIN_SHARED:
+        shared = [0] * len(seqs)
     P = max(shared)
     passes, computed = 0, 0
     if anchor_buffer is not None:
@@ -500,6 +521,8 @@ def last_logprobs(model, prompts: Sequence[Sequence[int]], batch_size: int = 8, 
     seqs = [list(p) for p in prompts]
     anchor = max(seqs, key=len)
     shared = shared_lengths(seqs, anchor, 1)
+    if max(shared) < MIN_SHARED:
+        shared = [0] * len(seqs)
     P = max(shared)
     anc = anchor_kv(model, anchor[:P]) if P > 0 else None
     order = sorted(range(len(seqs)), key=lambda i: (-shared[i], -len(seqs[i])))
