@@ -209,3 +209,27 @@ def test_prompt_lookup_keeps_greedy_output_with_accepted_and_rejected_drafts(tin
         assert tiny_lm.generate_batch([row], max_new_tokens=24, engine="tessera")[0].token_ids == ref
     finally:
         tiny_lm.lookup_tokens = 10
+
+
+def test_rows_of_different_contexts_get_their_own_anchor(tiny_lm):
+    head = list(range(1000, 1020))
+    ctx_a = [list(range(2000 + 10 * i, 2007 + 10 * i)) for i in range(5)]
+    ctx_b = [list(range(4000 + 10 * i, 4007 + 10 * i)) for i in range(5)]
+    stmt = [5000, 5001, 5002]
+
+    def ablations(ctx):
+        full = head + [t for s in ctx for t in s] + stmt
+        return [(full, 3)] + [(head + [t for j, s in enumerate(ctx) if j != i for t in s] + stmt, 3) for i in range(5)]
+
+    rows = ablations(ctx_a) + ablations(ctx_b)
+    groups = E.anchor_groups([r for r, _ in rows], [n + 1 for _, n in rows])
+    members = {frozenset(m) for _, m in groups}
+    # each context's full prompt anchors its ablations (a row that drops the first sentence shares only the
+    # header with any anchor, so it may stand alone: the same tokens run either way)
+    assert frozenset([0, 2, 3, 4, 5]) <= max(members, key=lambda m: 0 in m)
+    assert frozenset([6, 8, 9, 10, 11]) <= max(members, key=lambda m: 6 in m)
+    ours = tiny_lm.score(rows, batch_size=4, engine="tessera")
+    ref = tiny_lm.score(rows, batch_size=4, engine="hf")
+    assert max(abs(x - y) for a, b in zip(ours, ref) for x, y in zip(a, b)) < 1e-4
+    assert tiny_lm.last_score_stats["anchors"] == len(groups)
+    assert tiny_lm.last_score_stats["computed_tokens"] < 0.6 * tiny_lm.last_score_stats["tokens"]

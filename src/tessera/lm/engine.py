@@ -461,32 +461,68 @@ def decode_lookup(model, prompt: Sequence[int], max_new_tokens: int, stop_ids: s
 
 
 # ------------------------------------------------------------------------------------------ scoring
+def anchor_groups(seqs: Sequence[Sequence[int]], keep: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Rows grouped around anchors: ``[(anchor tokens, row indices)]``.
+
+    Longest rows first, a row joins the anchor it shares the longest prefix with when that prefix is longer
+    than what every row shares (e.g. an instruction header), else it becomes an anchor itself.  Rows built
+    from one context (SelfCite's ablations of one prompt) so share one anchor, rows of different contexts
+    get their own.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    everyone = min((common_prefix(seqs[order[0]], seqs[i]) for i in order[1:]), default=0)
+    groups: list[tuple[list[int], list[int]]] = []
+    for i in order:
+        usable = len(seqs[i]) - keep[i]
+        best, best_len = None, everyone
+        for g, (anc, _) in enumerate(groups):
+            n = min(common_prefix(seqs[i], anc), usable)
+            if n > best_len:
+                best, best_len = g, n
+        if best is None:
+            groups.append((list(seqs[i]), [i]))
+        else:
+            groups[best][1].append(i)
+    return groups
+
+
 def score_rows(model, rows: Sequence[tuple[Sequence[int], int]], batch_size: int = 8,
                anchor: Sequence[int] | None = None, pad_id: int = 0, anchor_buffer: KVBuffer | None = None,
                before_pass: Callable[[], None] | None = None) -> tuple[list[list[float]], dict]:
-    """Log-probabilities of the last ``n`` tokens of each ``(ids, n)`` row (``n = 0``: nothing, the row's
-    next-token distribution is not returned here; see :func:`last_logprobs`).
+    """Log-probabilities of the last ``n`` tokens of each ``(ids, n)`` row.
 
-    The anchor (default: the longest row) is run once; every row reuses the KV of its common prefix with
-    it.  Rows are sorted by that shared length so a batch wastes few masked columns.  ``anchor_buffer``: the
-    anchor's KV when the caller already has it (e.g. from generation; it must hold ``len(anchor)`` columns),
-    so the anchor is not run again.  ``before_pass()`` is called before every forward pass (cancellation).
-    Returns the scores in input order and ``{"tokens": tokens in the rows, "computed_tokens": tokens run
-    through the model, "passes": forward passes}``.
+    Rows are grouped around anchors (:func:`anchor_groups`; or the one ``anchor`` given): each anchor's KV is
+    computed once and every row of its group reuses the KV of its common prefix with it, so only the rest of
+    the row runs.  Within a group rows are sorted by that shared length so a batch wastes few masked columns.
+    ``anchor_buffer``: the given anchor's KV when the caller already has it (e.g. from generation; it must
+    hold ``len(anchor)`` columns), so it is not run again.  ``before_pass()`` is called before every forward
+    pass (cancellation).  Returns the scores in input order and ``{"tokens": tokens in the rows,
+    "computed_tokens": tokens run through the model, "passes": forward passes}``.
     """
     if not rows:
-        return [], {"tokens": 0, "computed_tokens": 0}
+        return [], {"tokens": 0, "computed_tokens": 0, "passes": 0}
     seqs = [list(r) for r, _ in rows]
     ns = [int(n) for _, n in rows]
     for s, n in zip(seqs, ns):
         if n < 1 or n >= len(s):
             raise ValueError(f"a row of {len(s)} tokens cannot score its last {n}: need 1 <= n < length")
-    anchor = list(anchor) if anchor is not None else max(seqs, key=len)
-    shared = shared_lengths(seqs, anchor, [n + 1 for n in ns])
-    if anchor_buffer is None and max(shared) < MIN_SHARED:
-        shared = [0] * len(seqs)
-    P = max(shared)
-    passes, computed = 0, 0
+    if anchor is not None:
+        groups = [(list(anchor), list(range(len(seqs))))]
+    else:
+        groups = anchor_groups(seqs, [n + 1 for n in ns])
+        anchor_buffer = None
+    out: list[list[float] | None] = [None] * len(seqs)
+    stats = {"tokens": sum(map(len, seqs)), "computed_tokens": 0, "passes": 0, "anchors": len(groups)}
+    for anc_tokens, members in groups:
+        _score_group(model, seqs, ns, members, anc_tokens, anchor_buffer, batch_size, pad_id, before_pass, out, stats)
+    return out, stats  # type: ignore[return-value]
+
+
+def _score_group(model, seqs, ns, members, anchor, anchor_buffer, batch_size, pad_id, before_pass, out, stats) -> None:
+    shared = dict(zip(members, shared_lengths([seqs[i] for i in members], anchor, [ns[i] + 1 for i in members])))
+    if anchor_buffer is None and max(shared.values()) < MIN_SHARED:
+        shared = {i: 0 for i in members}
+    P = max(shared.values())
     if anchor_buffer is not None:
         if anchor_buffer.used < len(anchor):
             raise ValueError(f"the anchor buffer holds {anchor_buffer.used} columns, the anchor has {len(anchor)} tokens")
@@ -495,24 +531,23 @@ def score_rows(model, rows: Sequence[tuple[Sequence[int], int]], batch_size: int
         if before_pass is not None:
             before_pass()
         anc = anchor_kv(model, anchor[:P])
-        passes, computed = 1, P
+        stats["passes"] += 1
+        stats["computed_tokens"] += P
     else:
         anc = None
-    order = sorted(range(len(seqs)), key=lambda i: (-shared[i], -len(seqs[i])))
-    out: list[list[float] | None] = [None] * len(seqs)
+    order = sorted(members, key=lambda i: (-shared[i], -len(seqs[i])))
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         n_max = max(ns[i] for i in chunk)
         pre = prefill_rows(model, [seqs[i] for i in chunk], [shared[i] for i in chunk], anc, 0,
                            logits_last=n_max + 1, pad_id=pad_id, before_pass=before_pass)
-        computed += pre.computed_tokens
-        passes += pre.passes
+        stats["computed_tokens"] += pre.computed_tokens
+        stats["passes"] += pre.passes
         lp = torch.log_softmax(pre.logits[:, :-1].float(), -1)
         for r, i in enumerate(chunk):
             n = ns[i]
             tgt = torch.tensor(seqs[i][-n:], device=lp.device)
             out[i] = lp[r, -n:].gather(-1, tgt[:, None])[:, 0].tolist()
-    return out, {"tokens": sum(map(len, seqs)), "computed_tokens": computed, "passes": passes}  # type: ignore[return-value]
 
 
 def last_logprobs(model, prompts: Sequence[Sequence[int]], batch_size: int = 8, pad_id: int = 0) -> torch.Tensor:
