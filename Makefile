@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) benchmarks/lm.py
 	$(PY) benchmarks/ask.py
 	$(PY) benchmarks/retrieval.py
 	$(PY) benchmarks/drama.py --steps 60 --batch-size 16 --cpt-steps 120 --cpt-lr 1e-3 --threads 1
