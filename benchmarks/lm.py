@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, package_versions, write_json  # noqa: E402
 
 from tessera.data.paths import shared_data_dir  # noqa: E402
-from tessera.lm.local import LocalLM, left_pad  # noqa: E402
+from tessera.lm.local import LocalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "How do I give a function parameter a default value?"
@@ -195,27 +195,6 @@ def synth_workload(lm: LocalLM, n_docs: int, batch: int, new_tokens: int) -> dic
 
 
 # --------------------------------------------------------------------------------- scoring workloads
-def padded_scores(lm: LocalLM, rows: list[tuple[list[int], int]], batch: int) -> list[list[float]]:
-    """Today's scoring path (:meth:`LocalLM.batched_last_logprobs`' method, rows sorted by length as
-    :class:`LocalBackend` does): one left-padded forward pass per batch over whole sequences, log-probabilities
-    of each row's last ``n`` tokens."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out: list = [None] * len(rows)
-    for s in range(0, len(order), batch):
-        idx = order[s:s + batch]
-        chunk = [rows[i] for i in idx]
-        ids, mask = left_pad([r for r, _ in chunk], lm.pad_id)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        n_max = max(n for _, n in chunk)
-        with torch.inference_mode():
-            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=n_max + 1).logits[:, :-1]
-        lp = torch.log_softmax(logits.float(), -1)
-        for r, (seq, n) in enumerate(chunk):
-            tgt = torch.tensor(seq[-n:])
-            out[idx[r]] = lp[r, -n:].gather(-1, tgt[:, None])[:, 0].tolist()
-    return out
-
-
 def selfcite_rows(lm: LocalLM, n_examples: int, max_distractors: int) -> list[tuple[list[int], int]]:
     from tessera.attribution.format import CitePrompt
     from tessera.attribution.hotpot import hotpot_context
@@ -245,7 +224,8 @@ def scoring(lm: LocalLM, quick: bool) -> dict:
     rows = selfcite_rows(lm, 1 if quick else 3, 2 if quick else 3)
     tokens = sum(len(r) for r, _ in rows)
     sc = {"rows": len(rows), "tokens": tokens, "mean_row_tokens": round(tokens / len(rows), 1), "batch": 8}
-    dt, ref = timed(lambda: padded_scores(lm, rows, 8))
+    # today's path: one left-padded forward pass per batch of length-sorted rows
+    dt, ref = timed(lambda: lm.score(rows, batch_size=8, engine="hf"))
     sc["padded_forward"] = {"wall_s": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
     if hasattr(lm, "score"):
         dt2, new = timed(lambda: lm.score(rows, batch_size=8))

@@ -376,9 +376,11 @@ class LocalLM:
             out, self.last_score_stats = score_rows(self.model, rows, batch_size=batch_size, anchor=anchor,
                                                     pad_id=self.pad_id)
             return out
-        out = []
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
+        out: list = [None] * len(rows)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            chunk = [rows[i] for i in idx]
             for seq, n in chunk:
                 if n < 1 or n >= len(seq):
                     raise ValueError(f"a row of {len(seq)} tokens cannot score its last {n}: need 1 <= n < length")
@@ -391,5 +393,5 @@ class LocalLM:
             lp = torch.log_softmax(logits.float(), -1)
             for r, (seq, n) in enumerate(chunk):
                 tgt = torch.tensor(list(seq[-n:]), device=lp.device)
-                out.append(lp[r, -n:].gather(-1, tgt[:, None])[:, 0].tolist())
+                out[idx[r]] = lp[r, -n:].gather(-1, tgt[:, None])[:, 0].tolist()
         return out
