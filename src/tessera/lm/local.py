@@ -9,12 +9,12 @@ compares its speed with ``model.generate`` on the same prompt.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tessera.errors import ContextTooLongError
+from tessera.errors import ContextTooLongError, InputError
 
 
 @dataclass
@@ -106,45 +106,139 @@ def _stop_criteria(lm: "LocalLM", prompt_width: int, stop_when, every: int):
     return StoppingCriteriaList([crit]), crit
 
 
-class LocalLM:
-    """A Hugging Face causal LM + tokenizer with chat prompting and streaming."""
+ENGINES = ("tessera", "hf", "llamacpp")
 
-    def __init__(self, model, tokenizer, name: str = ""):
-        self.model = model
+
+def engine_choice(spec: str = "default", engine: str | None = None) -> tuple[str, str]:
+    """``(engine, why)`` for loading ``spec``: ``engine`` or ``$TESSERA_ENGINE`` when given, else ``auto``:
+    llama.cpp for a GGUF spec (``default``, ``gguf:PATH``) when ``llama-cpp-python`` is installed and no GPU
+    is in use, else tessera's engine (transformers' forward for architectures it does not know)."""
+    import os
+
+    from tessera import hub
+    from tessera.lm import llamacpp
+
+    asked = (engine or os.environ.get("TESSERA_ENGINE") or "auto").strip().lower()
+    if asked not in ENGINES + ("auto",):
+        raise InputError(f"unknown engine {asked!r}: use auto, llamacpp, tessera or hf")
+    gguf = hub.gguf_file(spec)
+    if asked == "llamacpp":
+        if gguf is None:
+            raise InputError(f"the llama.cpp engine runs GGUF files; {spec!r} is not one (pass --lm default or gguf:PATH, "
+                             "or --engine tessera)")
+        if not llamacpp.available():
+            raise InputError(f"the llama.cpp engine needs llama-cpp-python; run `{llamacpp.INSTALL}`, or --engine tessera")
+        return "llamacpp", "asked for"
+    if asked != "auto":
+        return asked, "asked for"
+    if gguf is None:
+        return "tessera", "a transformers model (llama.cpp runs GGUF files only)"
+    if not llamacpp.available():
+        return "tessera", f"llama-cpp-python is not installed ({llamacpp.INSTALL})"
+    if hub.default_device().type != "cpu":
+        return "tessera", "a GPU is in use (llama.cpp here is the CPU build)"
+    return "llamacpp", "a GGUF model and llama-cpp-python is installed"
+
+
+class LocalLM:
+    """A causal LM + tokenizer with chat prompting and streaming, on one of three engines (``engine``):
+
+    - ``"tessera"``: :mod:`tessera.lm.engine` over the transformers model (static KV cache, shared prefixes
+      computed once, prompt-lookup speculation); Llama-family models;
+    - ``"hf"``: transformers' own forward and ``model.generate`` (any causal LM; the reference);
+    - ``"llamacpp"``: :mod:`tessera.lm.llamacpp` over a GGUF file (text and log-probabilities only).  The
+      transformers model is then loaded on first use of :attr:`model` (NEST, SelfCite's internals, training).
+    """
+
+    def __init__(self, model, tokenizer, name: str = "", llama=None, spec: str | None = None,
+                 eos_ids: Sequence[int] = ()):
+        self._model = model
+        self._llama = llama
+        self._spec = spec or name or "default"
         self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "_name_or_path", "")
-        eos = {tokenizer.eos_token_id}
+        self.name = name or (getattr(model.config, "_name_or_path", "") if model is not None else self._spec)
+        eos = {tokenizer.eos_token_id, *eos_ids}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.stop_ids = {int(i) for i in eos if i is not None}
         from tessera.lm.engine import supports
 
         # "tessera": the static-cache, shared-prefix engine (tessera.lm.engine) for Llama-family models;
-        # "hf": transformers' own forward / model.generate (any causal LM, and the reference the tests compare to)
-        self.engine = "tessera" if supports(model) else "hf"
+        # "hf": transformers' own forward / model.generate (any causal LM, and the reference the tests compare to);
+        # "llamacpp": llama.cpp over the GGUF file (when loaded that way)
+        if llama is not None:
+            self.engine = "llamacpp"
+        else:
+            self.engine = "tessera" if supports(model) else "hf"
+        self.engine_reason = ""
         # greedy batch-1 decoding on the tessera engine checks up to this many prompt-lookup draft tokens per
         # pass (tessera.lm.engine.decode_lookup; the output is greedy decoding's); 0 turns it off
         self.lookup_tokens = 10
 
     @classmethod
-    def load(cls, spec: str = "default", device=None) -> "LocalLM":
+    def load(cls, spec: str = "default", device=None, engine: str | None = None) -> "LocalLM":
+        """``spec``: see :mod:`tessera.hub`; ``engine``: ``auto`` (default, see :func:`engine_choice`),
+        ``llamacpp``, ``tessera`` or ``hf``."""
         from tessera import hub
 
-        loaded = hub.load_lm(spec, device=device)
-        return cls(loaded.model, loaded.tokenizer, name=spec)
+        choice, why = engine_choice(spec, engine) if device is None or torch.device(device).type == "cpu" else \
+            (engine or "tessera", "a GPU device was asked for")
+        if choice == "llamacpp":
+            import json
+
+            from tessera.lm.llamacpp import LlamaCppEngine, run_file
+
+            gguf = hub.gguf_file(spec)
+            folder = hub.gguf_dir(gguf)  # the tokenizer and generation config (and the model, if a path needs it)
+            tokenizer = hub.load_tokenizer(folder)  # FastTokenizer: no transformers import on the text path
+            eos = []
+            gen_cfg = folder / "generation_config.json"
+            if gen_cfg.is_file():
+                gen = json.loads(gen_cfg.read_text()).get("eos_token_id")
+                eos = [e for e in (gen if isinstance(gen, list) else [gen]) if isinstance(e, int)]
+            lm = cls(None, tokenizer, name=spec, llama=LlamaCppEngine(run_file(gguf)), spec=spec, eos_ids=eos)
+        else:
+            loaded = hub.load_lm(spec, device=device)
+            lm = cls(loaded.model, loaded.tokenizer, name=spec)
+            if choice in ("tessera", "hf") and (engine or "").strip().lower() in ("tessera", "hf"):
+                lm.engine = lm._engine(choice)
+        lm.engine_reason = why
+        return lm
+
+    @property
+    def model(self):
+        """The transformers model (loaded on first use when the LM runs on llama.cpp)."""
+        if self._model is None:
+            from tessera import hub, ui
+
+            ui.info(f"[dim]this step needs the transformers model's internals; loading it beside llama.cpp[/dim]")
+            self._model = hub.load_lm(self._spec, device="cpu").model
+            gen_eos = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
+            self.stop_ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if i is not None)
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        if self._model is None:
+            return torch.device("cpu")
+        return next(self._model.parameters()).device
 
     @property
     def context_window(self) -> int:
+        if self._llama is not None:
+            return self._llama.n_ctx
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     def _engine(self, engine: str | None) -> str:
         engine = engine or self.engine
-        if engine not in ("tessera", "hf"):
-            raise ValueError(f"unknown engine {engine!r}: use 'tessera' or 'hf'")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}: use 'tessera', 'hf' or 'llamacpp'")
+        if engine == "llamacpp" and self._llama is None:
+            raise ValueError("this LM was not loaded from a GGUF file with llama.cpp; use engine='tessera' or 'hf'")
         if engine == "tessera":
             from tessera.lm.engine import supports
 
@@ -216,6 +310,13 @@ class LocalLM:
     def _token_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
                       generator, engine: str, stats: GenerationStats) -> Iterator[int]:
         """Token ids one at a time (a stop token is yielded, then the stream ends)."""
+        if engine == "llamacpp":
+            seed = int(generator.initial_seed()) if generator is not None else 0
+            for token in self._llama.tokens(input_ids[0].tolist(), max_new_tokens, temperature, top_p, seed):
+                yield token
+                if token in self.stop_ids:
+                    return
+            return
         if engine == "tessera":
             from tessera.lm.engine import decode
 
@@ -280,9 +381,18 @@ class LocalLM:
         self.check_fits(longest, max_new_tokens)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        if self._engine(engine) == "hf":
+        engine = self._engine(engine)
+        if engine == "hf":
             return self._generate_batch_hf(prompts, max_new_tokens, temperature, top_p, seed, stop_when,
                                            stop_check_every, repetition_penalty)
+        if engine == "llamacpp":
+            check_row = None
+            if stop_when is not None:
+                def check_row(row, tokens):
+                    return bool(stop_when(self.tokenizer.decode(tokens, skip_special_tokens=True)))
+            rows = self._llama.generate(prompts, int(max_new_tokens), self.stop_ids, temperature, top_p, int(seed),
+                                        check_row, max(1, int(stop_check_every)), repetition_penalty)
+            return [BatchOutput(tokens, reason) for tokens, reason in rows]
         from tessera.lm.engine import decode
 
         generator = torch.Generator(device=self.device).manual_seed(int(seed)) if temperature > 0 else None
@@ -348,7 +458,10 @@ class LocalLM:
         ``engine="tessera"``: the prompts' common prefix (with the longest prompt) is computed once;
         ``"hf"``: one left-padded forward pass."""
         self.check_fits(max(len(p) for p in prompts), 0)
-        if self._engine(engine) == "tessera":
+        engine = self._engine(engine)
+        if engine == "llamacpp":
+            return self._llama.last_logprobs(prompts)
+        if engine == "tessera":
             from tessera.lm.engine import last_logprobs
 
             return last_logprobs(self.model, prompts, batch_size=len(prompts), pad_id=self.pad_id)
@@ -370,7 +483,11 @@ class LocalLM:
         if not rows:
             return []
         self.check_fits(max(len(r) for r, _ in rows), 0)
-        if self._engine(engine) == "tessera":
+        engine = self._engine(engine)
+        if engine == "llamacpp":
+            out, self.last_score_stats = self._llama.score(rows)
+            return out
+        if engine == "tessera":
             from tessera.lm.engine import score_rows
 
             out, self.last_score_stats = score_rows(self.model, rows, batch_size=batch_size, anchor=anchor,

@@ -30,6 +30,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     lm: str = "default"
+    engine: str = "auto"  # LocalLM.load: auto | llamacpp | tessera | hf
     corpora: list[str] = field(default_factory=lambda: ["python-docs"])
     encoder: str | None = "default-encoder"
     prebuild_dense: bool = True
@@ -46,6 +47,8 @@ class ServeConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.engine not in ("auto", "llamacpp", "tessera", "hf"):
+            raise InputError(f"unknown --engine {self.engine!r}: use auto, llamacpp, tessera or hf")
         if not self.corpora:
             raise InputError("the server needs at least one corpus; pass --corpus python-docs or a path")
         for name in ("queue_size", "max_k", "max_upload_files", "max_uploaded_corpora"):
