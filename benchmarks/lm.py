@@ -419,13 +419,14 @@ def llamacpp(ref: LocalLM, results: dict, quick: bool, skip_ask: bool) -> dict:
     out["files"] = files
     print(f"llamacpp files: {files}", flush=True)
 
-    # 3. greedy agreement: first 32 greedy tokens, chat prompts (MMLU questions), each llama.cpp file vs the
-    # transformers model (the Q4_1 weights dequantized to fp32, tessera engine)
+    # 3. greedy agreement: first 32 greedy tokens of open answers to MMLU questions (asked to explain, so that
+    # the answers run past 32 tokens), each llama.cpp file vs the transformers model (the Q4_1 weights
+    # dequantized to fp32, tessera engine)
     from tessera.data.qa import read_mmlu
-    from tessera.rag import mmlu_messages
 
     qs = read_mmlu(shared_data_dir() / "mmlu", "val")[: 8 if quick else 32]
-    prompts = [lm.encode_chat(mmlu_messages(q))[0].tolist() for q in qs]
+    prompts = [lm.encode_chat([{"role": "user", "content": f"{q.question}\nExplain the answer in a few sentences."}])[0].tolist()
+               for q in qs]
     want = [r.token_ids for r in ref.generate_batch(prompts, max_new_tokens=32, engine="tessera")]
     agree = {}
     for name, path in (("repacked_q8_0", eng.path), ("shipped_q4_1", hub.embedded_lm_gguf())):
@@ -434,7 +435,8 @@ def llamacpp(ref: LocalLM, results: dict, quick: bool, skip_ask: bool) -> dict:
         same = [a == b for a, b in zip(got, want)]
         prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(got, want)]
         agree[name] = {"prompts": len(prompts), "identical_32_tokens": round(sum(same) / len(same), 3),
-                       "mean_agreeing_prefix_tokens": round(statistics.mean(prefix), 1)}
+                       "mean_agreeing_prefix_tokens": round(statistics.mean(prefix), 1),
+                       "mean_reference_tokens": round(statistics.mean(len(w) for w in want), 1)}
     out["greedy_agreement"] = agree
     print(f"llamacpp agreement: {agree}", flush=True)
 

@@ -135,6 +135,7 @@ def ask(
     on_answer: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     engine: str | None = None,
+    lm_url: str | None = None,
 ) -> AskResult:
     """Retrieve ``k`` passages, prompt the LM with them as numbered sources, stream the answer.
 
@@ -147,7 +148,8 @@ def ask(
     ``should_stop()``: optional cooperative cancellation of the SelfCite citation phase
     (``cite=True``), polled before each of its model passes and between statements;
     once it returns true :class:`~tessera.errors.Cancelled` is raised (or whatever the
-    hook raises itself propagates).  ``engine`` (when ``lm`` is a spec): see :meth:`LocalLM.load`.
+    hook raises itself propagates).  ``engine`` and ``lm_url`` (an OpenAI-compatible server that
+    serves ``lm``), when ``lm`` is a spec: see :meth:`LocalLM.load`.
     """
     if not question or not question.strip():
         raise InputError("the question is empty; pass a question, e.g. tessera ask \"How do I open a file?\"")
@@ -168,7 +170,7 @@ def ask(
     timings["index_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = lm if isinstance(lm, LocalLM) else LocalLM.load(lm, engine=engine)
+    model = lm if isinstance(lm, LocalLM) else LocalLM.load(lm, engine=engine, url=lm_url)
     timings["load_model_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -64,6 +64,7 @@ def ask(
     corpus: str = typer.Option("python-docs", "--corpus", "-c", help="'python-docs' (Python's documentation topics) or a file/folder of .txt/.md/.rst/.jsonl documents."),
     lm: str = typer.Option("default", "--lm", help="Language model: 'default' (embedded SmolLM2-135M-Instruct), gguf:PATH, a local folder or a cached hub id."),
     engine: str = typer.Option("auto", "--engine", envvar="TESSERA_ENGINE", help="auto (llama.cpp for GGUF models when llama-cpp-python is installed, else tessera) | llamacpp | tessera | hf."),
+    lm_url: str = typer.Option(None, "--lm-url", help="OpenAI-compatible server (vLLM, llama.cpp) that serves --lm, e.g. http://127.0.0.1:8080/v1; --lm then names its local copy (tokenizer)."),
     k: int = typer.Option(3, "--k", "-k", help="Number of passages to retrieve."),
     retriever: str = typer.Option("bm25", "--retriever", "-r", help="bm25 | dense | hybrid (reciprocal-rank fusion of both)."),
     encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid: 'default-encoder' (embedded all-MiniLM-L6-v2), a folder or a cached hub id."),
@@ -89,7 +90,7 @@ def ask(
     from tessera.lm.local import engine_choice
 
     engine_choice(lm, engine)  # a bad --engine fails before the corpus is indexed
-    result = run_ask(question, corpus=corpus, lm=lm, engine=engine, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+    result = run_ask(question, corpus=corpus, lm=lm, engine=engine, lm_url=lm_url, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
                      on_token=None if as_json else on_token, retriever=retriever, encoder=encoder,
                      decode=decode, cite=cite, best_of=best_of)
     if as_json:

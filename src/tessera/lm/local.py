@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -151,9 +152,10 @@ class LocalLM:
     """
 
     def __init__(self, model, tokenizer, name: str = "", llama=None, spec: str | None = None,
-                 eos_ids: Sequence[int] = ()):
+                 eos_ids: Sequence[int] = (), remote=None):
         self._model = model
         self._llama = llama
+        self._remote = remote
         self._spec = spec or name or "default"
         self.tokenizer = tokenizer
         self.name = name or (getattr(model.config, "_name_or_path", "") if model is not None else self._spec)
@@ -166,7 +168,9 @@ class LocalLM:
         # "tessera": the static-cache, shared-prefix engine (tessera.lm.engine) for Llama-family models;
         # "hf": transformers' own forward / model.generate (any causal LM, and the reference the tests compare to);
         # "llamacpp": llama.cpp over the GGUF file (when loaded that way)
-        if llama is not None:
+        if remote is not None:
+            self.engine = "openai"
+        elif llama is not None:
             self.engine = "llamacpp"
         else:
             self.engine = "tessera" if supports(model) else "hf"
@@ -176,10 +180,30 @@ class LocalLM:
         self.lookup_tokens = 10
 
     @classmethod
-    def load(cls, spec: str = "default", device=None, engine: str | None = None) -> "LocalLM":
+    def load(cls, spec: str = "default", device=None, engine: str | None = None, url: str | None = None) -> "LocalLM":
         """``spec``: see :mod:`tessera.hub`; ``engine``: ``auto`` (default, see :func:`engine_choice`),
-        ``llamacpp``, ``tessera`` or ``hf``."""
+        ``llamacpp``, ``tessera`` or ``hf``.  ``url``: an OpenAI-compatible server (vLLM, llama.cpp) that serves
+        ``spec``; answers stream from it (engine ``"openai"``), and ``spec`` must name a local copy of the model
+        (``default``, ``gguf:PATH``, a folder or a cached hub id) for its tokenizer, which fits prompts into the
+        context, and for the paths that need log-probabilities or internals."""
         from tessera import hub
+
+        if url:
+            from tessera.lm.openai_backend import OpenAIBackend
+
+            gguf = hub.gguf_file(spec)
+            folder = hub.gguf_dir(gguf) if gguf is not None else hub.resolve_lm(spec)
+            if Path(folder).is_dir():
+                tokenizer = hub.load_tokenizer(folder)
+            else:  # a cached hub id
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=hub._local_only())
+            served = "default" if spec.strip().lower() in hub.LM_ALIASES else spec
+            lm = cls(None, tokenizer, name=f"{spec}@{url}", spec=spec,
+                     remote=OpenAIBackend(base_url=url, model=served, max_retries=1))
+            lm.engine_reason = "--lm-url"
+            return lm
 
         choice, why = engine_choice(spec, engine) if device is None or torch.device(device).type == "cpu" else \
             (engine or "tessera", "a GPU device was asked for")
@@ -211,7 +235,7 @@ class LocalLM:
         if self._model is None:
             from tessera import hub, ui
 
-            ui.info(f"[dim]this step needs the transformers model's internals; loading it beside llama.cpp[/dim]")
+            ui.info(f"[dim]this step needs the transformers model ({self._spec}); loading it beside the {self.engine} engine[/dim]")
             self._model = hub.load_lm(self._spec, device="cpu").model
             gen_eos = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
             self.stop_ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if i is not None)
@@ -229,12 +253,23 @@ class LocalLM:
 
     @property
     def context_window(self) -> int:
+        if self._remote is not None:
+            return self._remote.context_window
         if self._llama is not None:
             return self._llama.n_ctx
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
-    def _engine(self, engine: str | None) -> str:
+    def _engine(self, engine: str | None, text_stream: bool = False) -> str:
         engine = engine or self.engine
+        if engine == "openai":
+            if self._remote is None:
+                raise ValueError("this LM has no server (--lm-url); use engine='tessera', 'hf' or 'llamacpp'")
+            if text_stream:
+                return engine
+            # batches, log-probabilities and scores need the model itself: its local copy answers them
+            from tessera.lm.engine import supports
+
+            return "tessera" if supports(self.model) else "hf"
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}: use 'tessera', 'hf' or 'llamacpp'")
         if engine == "llamacpp" and self._llama is None:
@@ -285,7 +320,10 @@ class LocalLM:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = int(input_ids.shape[1])
         self.check_fits(stats.prompt_tokens, max_new_tokens)
-        engine = self._engine(engine)
+        engine = self._engine(engine, text_stream=True)
+        if engine == "openai":
+            yield from self._stream_remote(input_ids, max_new_tokens, temperature, top_p, seed, stats)
+            return
         generator = torch.Generator(device=self.device).manual_seed(seed) if temperature > 0 else None
         t0 = time.perf_counter()
         generated: list[int] = []
@@ -304,6 +342,26 @@ class LocalLM:
             if not text.endswith("\ufffd") and len(text) > len(emitted):
                 yield text[len(emitted):]
                 emitted = text
+        stats.total_s = time.perf_counter() - t0
+
+    def _stream_remote(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                       stats: GenerationStats) -> Iterator[str]:
+        """Text pieces from the OpenAI-compatible server: the prompt goes as text with its special tokens written
+        out (the server tokenizes it back to the same ids); new tokens are counted with the local tokenizer."""
+        prompt = self.tokenizer.decode(input_ids[0].tolist(), skip_special_tokens=False)
+        t0 = time.perf_counter()
+        stats.stop_reason = "length"
+        text = ""
+        for piece, finish in self._remote.stream_completion(prompt, max_new_tokens=max_new_tokens,
+                                                            temperature=temperature, top_p=top_p, seed=seed):
+            if piece:
+                if not text:
+                    stats.time_to_first_token_s = time.perf_counter() - t0
+                text += piece
+                yield piece
+            if finish:
+                stats.stop_reason = "eos" if finish == "stop" else "length"
+        stats.new_tokens = self.count_tokens(text) if text else 0
         stats.total_s = time.perf_counter() - t0
 
     @torch.inference_mode()

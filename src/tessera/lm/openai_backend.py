@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from tessera.errors import InputError
@@ -159,3 +159,35 @@ class OpenAIBackend(Backend):
     def next_token_logprobs(self, conversations: Sequence[Conversation], candidates: Sequence[str],
                             prefix: str = "") -> list[dict[str, float]]:
         return self._map(lambda c: self._one_logprobs(c, candidates, prefix), list(conversations))
+
+    def stream_completion(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                          seed: int = 0) -> Iterator[tuple[str, str | None]]:
+        """``(text piece, finish_reason or None)`` as the server streams a raw completion of ``prompt`` (the
+        chat template already applied, special tokens written out: vLLM and llama.cpp parse them).  The
+        connection is retried like :meth:`chat` until the first piece arrives; a server that cannot be
+        reached raises :class:`~tessera.errors.InputError` with what to check."""
+        # llama.cpp's server applies a 1.1 repeat penalty unless told otherwise; tessera's engines apply none (vLLM
+        # ignores the field)
+        kwargs = dict(model=self.model, prompt=prompt, max_tokens=int(max_new_tokens), temperature=float(temperature),
+                      top_p=float(top_p), seed=int(seed), stream=True, extra_body={"repeat_penalty": 1.0})
+        stream, err = None, None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.add(retries=1)
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                stream = self.client.completions.create(**kwargs)
+                break
+            except Exception as e:  # noqa: BLE001 - turned into one line below
+                err = e
+                if not _retryable(e):
+                    break
+        if stream is None:
+            raise InputError(f"the LM server at {self.client.base_url} failed: {_describe(err)}; check --lm-url and "
+                             "that it serves the model named by --lm")
+        t0 = time.perf_counter()
+        for chunk in stream:
+            choices = getattr(chunk, "choices", None) or []
+            if choices:
+                yield choices[0].text or "", choices[0].finish_reason
+        self.stats.add(calls=1, conversations=1, seconds=time.perf_counter() - t0)

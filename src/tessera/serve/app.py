@@ -131,7 +131,7 @@ def create_app(config: ServeConfig | None = None, lm=None) -> FastAPI:
     corpora = CorpusRegistry(config, jobs)
     for spec in config.corpora:  # corpora first: a bad --corpus fails before the model loads
         corpora.add_configured(spec)
-    model = lm if lm is not None else LocalLM.load(config.lm, engine=config.engine)
+    model = lm if lm is not None else LocalLM.load(config.lm, engine=config.engine, url=config.lm_url)
     corpora.restore_uploads()
     worker = AskWorker(config.queue_size, config.request_timeout_s)
     state = ServerState(config, model, corpora, jobs, worker)

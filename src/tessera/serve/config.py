@@ -31,6 +31,7 @@ class ServeConfig:
     port: int = 8000
     lm: str = "default"
     engine: str = "auto"  # LocalLM.load: auto | llamacpp | tessera | hf
+    lm_url: str | None = None  # an OpenAI-compatible server that serves `lm` (answers stream from it)
     corpora: list[str] = field(default_factory=lambda: ["python-docs"])
     encoder: str | None = "default-encoder"
     prebuild_dense: bool = True
