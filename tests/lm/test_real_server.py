@@ -115,6 +115,7 @@ def test_serve_answers_from_the_server(server_url, tmp_path):
     cfg = ServeConfig(lm="default", lm_url=server_url, corpora=[str(docs)], encoder=None,
                       upload_dir=str(tmp_path / "uploads"), max_new_tokens=24)
     with TestClient(create_app(cfg)) as client:
+        assert client.get("/healthz").json()["engine"] == "openai"
         r = client.post("/v1/ask", json={"question": "At what temperature is green tea steeped?", "k": 1})
         assert r.status_code == 200, r.text
         body = r.json()

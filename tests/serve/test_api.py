@@ -41,6 +41,7 @@ def test_health_corpora_and_spec(make_client, small_corpus_dir):
     c = make_client()
     h = c.get("/healthz").json()
     assert h["status"] == "ok" and h["queue"] == {"running": 0, "waiting": 0, "capacity": 9} and h["encoder"] is None
+    assert h["engine"] == "tessera"  # the tiny Llama runs on tessera's engine
     corpora = c.get("/v1/corpora").json()
     assert corpora["default"] == small_corpus_dir.name
     (entry,) = corpora["corpora"]

@@ -368,7 +368,7 @@ def create_app(config: ServeConfig | None = None, lm=None) -> FastAPI:
         """Liveness and load: the model, corpora and the queue."""
         running, waiting = worker.counts()
         return {"status": "ok", "version": __version__, "model": getattr(model, "name", str(config.lm)),
-                "encoder": config.encoder, "corpora": len(corpora.entries),
+                "engine": getattr(model, "engine", ""), "encoder": config.encoder, "corpora": len(corpora.entries),
                 "queue": {"running": running, "waiting": waiting, "capacity": worker.capacity}}
 
     # -- the page ----------------------------------------------------------------------

@@ -160,6 +160,7 @@ class Health(BaseModel):
     status: Literal["ok"]
     version: str
     model: str
+    engine: str = ""  # the text engine answers run on: llamacpp | tessera | hf | openai (--lm-url)
     encoder: str | None
     corpora: int
     queue: QueueOut
