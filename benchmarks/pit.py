@@ -75,9 +75,50 @@ def aggregate(per_seed: list[dict]) -> dict:
             "test_recall": spread([r["test"]["recall"] for r in rows]),
             "train_qa_em": spread([r["train_qa"]["em"] for r in rows]) if rows[0]["train_qa"] else None,
             "per_attribute_em": {a: round(statistics.fmean(r["test"]["per_attribute"][a]["em"] for r in rows), 2) for a in attrs},
+            "storage_gate": spread([r["storage_gate"]["accuracy"] for r in rows])
+            if all(r.get("storage_gate") for r in rows) else None,
             "tokens": [r["plan"]["tokens"] for r in rows], "seconds": [round(r["seconds"], 1) for r in rows],
             "stages": rows[0]["plan"]["stages"],
         }
+    return out
+
+
+def candidates(specs: list[str], threads: int, n_people: int = 200, batch: int = 64, steps: int = 6) -> list[dict]:
+    """Training tokens/s of from-scratch Llama candidates on this CPU (bioS biographies, batch ``batch``,
+    AdamW, fp32): the testbed is sized from these before any schedule runs.  ``specs``: ``HIDDENxLAYERS``."""
+    import torch
+
+    from tessera.data.bios import build_bios
+    from tessera.knowledge.format import KnowledgeCollator, encode_document
+    from tessera.knowledge.vocab import tiny_llama
+
+    torch.set_num_threads(threads)
+    ks = build_bios(n_people, seed=0, bios_per_person=5, permute=True, fullname=True)
+    texts = [d.text for d in ks.documents]
+    out = []
+    for spec in specs:
+        hidden, layers = (int(v) for v in spec.split("x"))
+        model, tok = tiny_llama(texts, vocab_size=2048, hidden_size=hidden, num_layers=layers, num_heads=max(4, hidden // 64),
+                                num_kv_heads=max(2, hidden // 128), seed=0)
+        rows = [encode_document(tok, t) for t in texts[:batch]]
+        batch_t = KnowledgeCollator(tok.pad_token_id)(rows)
+        n_tok = int(batch_t["attention_mask"].sum())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model.train()
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            loss = model(**batch_t).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:  # the first step allocates
+                times.append(time.perf_counter() - t)
+        n_params = sum(p.numel() for p in model.parameters())
+        out.append({"hidden": hidden, "layers": layers, "parameters": n_params,
+                    "non_embedding_parameters": n_params - model.get_input_embeddings().weight.numel(),
+                    "batch": batch, "tokens_per_batch": n_tok, "tokens_per_s": round(n_tok / statistics.median(times), 1)})
+        print(f"candidate {spec}: {out[-1]}", flush=True)
     return out
 
 
@@ -133,6 +174,9 @@ def main() -> None:
         "doc_epochs=6", "qa_epochs=2", "doc_lr=3e-4", "qa_lr=1e-4", "batch_size=4", "keep_qa=16", "eval_train_qa=45"],
         help="key=value overrides of the pit recipe for the SmolLM2 run (schedules 2 and 7)")
     ap.add_argument("--real-tag", default="", help="store the real-model run as results['real_TAG'] (a second configuration)")
+    ap.add_argument("--candidates", default="",
+                    help="only measure training tokens/s of from-scratch testbeds HIDDENxLAYERS,... (e.g. 256x4,384x4,512x2) "
+                         "and record them as results['testbed_candidates']")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--work", default="/tmp/tessera-pit-bench", help="dump dirs (resumable)")
@@ -156,6 +200,11 @@ def main() -> None:
         "command": " ".join(sys.argv), "goal": f"PIT (7) - standard (2) >= {GOAL_POINTS} test EM points", "paper": PAPER,
     })
     t0 = time.perf_counter()
+    if args.candidates:
+        results["testbed_candidates"] = {"threads": args.threads, "load_average_at_start": os.getloadavg(),
+                                         "rows": candidates(args.candidates.split(","), args.threads)}
+        write(results, out_path)
+        return
     common = [f"threads={args.threads}"]
     if not args.skip_tiny:
         seeds = [int(s) for s in args.seeds.split(",")]

@@ -199,6 +199,9 @@ def test_recipe_end_to_end_on_bios_and_user_data(tmp_path, embedded_lm_dir, tiny
     assert max(tokens) / min(tokens) < 1.1  # equal token budgets
     for r in res["schedules"]:
         assert r["test"]["n"] == 24 and set(r["test"]["per_attribute"]) and 0 <= r["test"]["em"] <= 100
+        gate = r["storage_gate"]  # measured after the last stage that trains on the test documents
+        assert gate["n"] == 24 and 0 <= gate["accuracy"] <= 100 and len(gate["per_attribute"]) == 6
+        assert r["plan"]["stages"][gate["after_stage"]]["sources"].count("docs_test") == 1
     assert {"closed_book", "open_book"} <= set(res["references"])
     assert (out / "em.png").stat().st_size > 0 and (out / "config.yaml").is_file()
     # resuming: a second run with the same config reuses every finished schedule
@@ -211,4 +214,49 @@ def test_recipe_end_to_end_on_bios_and_user_data(tmp_path, embedded_lm_dir, tiny
                                          f"lm={tiny_lm_dir}", "schedules=[2,7]", "references=false", *common])
     res = json.loads((pit.main(cfg) / "results.json").read_text())
     assert [r["schedule"] for r in res["schedules"]] == [2, 7] and res["model"]["vocab"] > 40000
-    assert all(r["test"]["n"] == 2 for r in res["schedules"])
+    assert all(r["test"]["n"] == 2 and r["storage_gate"] is None for r in res["schedules"])  # user data: no spans
+
+
+def test_biography_spans_locate_every_value():
+    ks = build_bios(20, seed=4, bios_per_person=3, permute=True, fullname=False)
+    answers = {(q.doc_id, q.attribute): q.answer for q in ks.qa}
+    for d in ks.documents:
+        assert sorted(a for a, _, _ in d.spans) == sorted({q.attribute for q in ks.qa if q.doc_id == d.entity})
+        for attr, start, end in d.spans:
+            assert d.text[start:end] == answers[(d.entity, attr)]
+
+
+def test_storage_gate_separates_memorised_from_unseen_people():
+    """A tiny Llama trained to memorise two people's biographies completes their values; on people it
+    never read it does not (the gate measures storage, not the template)."""
+    import torch
+
+    from tessera.knowledge.evaluate import storage_gate
+    from tessera.knowledge.vocab import tiny_llama
+
+    ks = build_bios(6, seed=2, bios_per_person=1)
+    seen, unseen = ks.documents[:2], ks.documents[2:]
+    model, tok = tiny_llama([d.text for d in ks.documents], vocab_size=512, hidden_size=96, num_layers=2, seed=0)
+    ids = [[tok.bos_token_id] + tok(d.text, add_special_tokens=False).input_ids for d in seen]
+    width = max(len(x) for x in ids)
+    x = torch.full((len(ids), width), tok.pad_token_id)
+    mask = torch.zeros_like(x)
+    for i, row in enumerate(ids):
+        x[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    labels = x.masked_fill(mask == 0, -100)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    stored = storage_gate(model, tok, seen)
+    assert stored["n"] == 12 and set(stored["per_attribute"]) == {q.attribute for q in ks.qa}
+    assert stored["accuracy"] >= 90
+    assert storage_gate(model, tok, unseen)["accuracy"] <= 40
+    with pytest.raises(InputError, match="spans"):
+        storage_gate(model, tok, [type(seen[0])(id="x", text="no spans", entity="x")])

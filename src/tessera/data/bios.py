@@ -135,19 +135,30 @@ def biography(person: Person, rng: random.Random, permute: bool = False, fullnam
 
     The first sentence names the person; later ones use the pronoun unless ``fullname``.
     """
+    return biography_spans(person, rng, permute, fullname, attributes)[0]
+
+
+def biography_spans(person: Person, rng: random.Random, permute: bool = False, fullname: bool = False,
+                    attributes: tuple[str, ...] = ATTRIBUTES) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """:func:`biography` and the ``(attribute, start, end)`` character span of every attribute value in it."""
     order = list(attributes)
     if permute:
         rng.shuffle(order)
     values = {a: person.attribute(a) for a in ATTRIBUTES}
-    sentences = []
+    text, spans = "", []
     for i, attr in enumerate(order):
         template = rng.choice(SENTENCES[attr])
         who = person.name if (i == 0 or fullname) else person.pronoun
         if template.startswith("{name}'s") and who == person.pronoun:
             template = template.replace("{name}'s", "his" if person.gender == "m" else "her", 1)
-        s = template.format(name=who, **values)
-        sentences.append(s[0].upper() + s[1:])
-    return " ".join(sentences)
+        head, tail = template.split("{" + attr + "}")
+        s = head.format(name=who)
+        s = s[0].upper() + s[1:]
+        start = len(text) + (1 if text else 0) + len(s)
+        sentence = s + values[attr] + tail.format(name=who)
+        text = f"{text} {sentence}" if text else sentence
+        spans.append((attr, start, start + len(values[attr])))
+    return text, tuple(spans)
 
 
 def qa_pairs(person: Person, attributes: tuple[str, ...] = ATTRIBUTES) -> list[dict]:
@@ -175,8 +186,9 @@ def build_bios(n_people: int = 200, test_fraction: float = 0.5, seed: int = 0, b
         raise InputError(f"bios_per_person must be at least 1, got {bios_per_person}")
     people = make_people(n_people, seed)
     rng = random.Random(f"bios:{seed}")
-    docs = [KnowledgeDoc(id=f"{p.id}/{k}", text=biography(p, rng, permute, fullname, attributes), entity=p.id)
-            for p in people for k in range(bios_per_person)]
+    docs = [KnowledgeDoc(id=f"{p.id}/{k}", text=text, entity=p.id, spans=spans)
+            for p in people for k in range(bios_per_person)
+            for text, spans in [biography_spans(p, rng, permute, fullname, attributes)]]
     qa = [KnowledgeQA(**row) for p in people for row in qa_pairs(p, attributes)]
     test = split_entities([p.id for p in people], test_fraction, seed)
     meta = {"source": "bios", "n_people": n_people, "bios_per_person": bios_per_person, "permute": permute,

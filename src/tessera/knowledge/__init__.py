@@ -1,7 +1,8 @@
 """Knowledge learning (PIT, pre-instruction-tuning): data, schedules, training and QA evaluation."""
 
 from tessera.knowledge.data import KnowledgeDoc, KnowledgeQA, KnowledgeSet, read_knowledge, split_entities
-from tessera.knowledge.evaluate import answer_recall, evaluate_qa, exact_match, majority_baseline, normalize_answer
+from tessera.knowledge.evaluate import (answer_recall, evaluate_qa, exact_match, majority_baseline, normalize_answer,
+                                        storage_gate)
 from tessera.knowledge.format import KnowledgeCollator, encode_document, encode_qa
 from tessera.knowledge.schedules import SCHEDULES, Plan, Stage, build_plan
 
@@ -23,4 +24,5 @@ __all__ = [
     "normalize_answer",
     "read_knowledge",
     "split_entities",
+    "storage_gate",
 ]

@@ -25,6 +25,9 @@ class KnowledgeDoc:
     id: str
     text: str
     entity: str  # the person / document the text is about; QA pairs link to it
+    # (attribute, start, end) character spans of the attribute values in ``text`` (synthetic biographies);
+    # the storage gate asks the model to complete the text up to each span
+    spans: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)

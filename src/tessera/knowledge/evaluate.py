@@ -5,6 +5,10 @@ removing articles, punctuation and extra whitespace (the SQuAD normalization); a
 the share of the gold answer's normalized tokens found in the prediction.  Closed-book: the
 question alone; open-book: the entity's document before the question (the paper's reference
 that shows how much a model could answer when the knowledge is in context).
+
+:func:`storage_gate` asks the other question a comparison of schedules depends on: did the model
+store the facts at all?  It completes each attribute value inside the entity's own document
+(Physics of Language Models 3.1 separates storage from extraction the same way).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import re
 import string
 from collections import defaultdict
 
-from tessera.knowledge.format import prompt_ids
+from tessera.errors import InputError
+from tessera.knowledge.format import _bos, prompt_ids
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -109,3 +114,47 @@ def majority_baseline(train_qa: list, test_qa: list) -> dict:
              "em": exact_match(top.get(q.attribute, ""), q.answer), "recall": answer_recall(top.get(q.attribute, ""), q.answer)}
             for q in test_qa]
     return summarize(rows)
+
+
+def storage_gate(model, tokenizer, docs: list, *, per_entity: int = 1, batch_size: int = 64) -> dict:
+    """Completion accuracy (in %) of the attribute values inside ``docs``, overall and per attribute.
+
+    ``docs``: :class:`~tessera.knowledge.data.KnowledgeDoc` rows with ``spans`` (synthetic biographies
+    from :func:`tessera.data.bios.build_bios`); the first ``per_entity`` documents of each entity are used.
+    The model reads the document up to each value (BOS + the text before it, as the document stage
+    trained it) and completes it greedily; a hit is a completion whose normalized text is the value's or
+    starts with it followed by a word boundary.  A model that stored the facts passes; QA exact match
+    then measures only whether questions can extract them.
+    """
+    seen: dict[str, int] = defaultdict(int)
+    items = []
+    for d in docs:
+        if not d.spans or seen[d.entity] >= per_entity:
+            continue
+        seen[d.entity] += 1
+        for attr, start, end in d.spans:
+            items.append((d, attr, d.text[:start].rstrip(), d.text[start:end]))
+    if not items:
+        raise InputError("the storage gate needs documents with attribute spans (synthetic biographies from build_bios)")
+    prompts = [_bos(tokenizer) + tokenizer(prefix, add_special_tokens=False).input_ids for _, _, prefix, _ in items]
+    longest = max(len(tokenizer(" " + value, add_special_tokens=False).input_ids) for *_, value in items)
+    from tessera.lm.local import LocalLM
+
+    model.eval()
+    lm = LocalLM(model, tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    completions = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        for r, i in zip(lm.generate_batch([prompts[i] for i in idx], max_new_tokens=longest + 2), idx):
+            completions[i] = tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    rows = []
+    for (d, attr, _, value), text in zip(items, completions):
+        got, want = normalize_answer(text), normalize_answer(value)
+        hit = bool(want) and (got == want or got.startswith(want + " "))
+        rows.append({"doc": d.id, "attribute": attr, "value": value, "completion": text.strip(), "hit": hit})
+    by_attr: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by_attr[r["attribute"]].append(r["hit"])
+    return {"accuracy": 100 * sum(r["hit"] for r in rows) / len(rows), "n": len(rows),
+            "per_attribute": {a: 100 * sum(h) / len(h) for a, h in sorted(by_attr.items())}, "rows": rows}

@@ -75,6 +75,9 @@ class Config:
     eval_batch_size: int = 64
     eval_train_qa: int = 120  # also score this many (trained-on) train QA pairs: did training absorb anything?
     references: bool = True  # closed-book and open-book with the starting model
+    # the storage gate: after the last stage with test documents, complete every attribute value inside each test
+    # person's first biography (synthetic data only); QA EM compares extraction only where this is high
+    storage_gate: bool = True
     save_models: bool = False
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
@@ -161,8 +164,8 @@ def main(cfg: Config) -> Path:
     from tessera import ui
     from tessera.config import DumpDir, atomic_write_text
     from tessera.data.jsonl import append_jsonl
-    from tessera.knowledge.evaluate import evaluate_qa, majority_baseline
-    from tessera.knowledge.schedules import build_plan, check_schedule
+    from tessera.knowledge.evaluate import evaluate_qa, majority_baseline, storage_gate
+    from tessera.knowledge.schedules import DOCS_TEST, build_plan, check_schedule
     from tessera.knowledge.train import TrainSettings, encode_all, freeze_lower_layers, run_plan
 
     if cfg.threads > 0:
@@ -217,21 +220,32 @@ def main(cfg: Config) -> Path:
             model.load_state_dict(init_state)
             trainable = freeze_lower_layers(model, cfg.trainable_top_layers)
             plan = build_plan(kset, number, **plan_kw, budget_tokens=budget)
+            gate: dict = {}
+            last_doc_stage = max((k for k, st in enumerate(plan.stages) if DOCS_TEST in st.sources), default=None)
+
+            def after_stage(k, r, n=number, plan=plan, gate=gate, last=last_doc_stage):
+                dump.log(schedule=n, **r)
+                if cfg.storage_gate and k == last and any(d.spans for d in kset.test_docs):
+                    g = storage_gate(model, tok, kset.test_docs, batch_size=cfg.eval_batch_size)
+                    gate.update(accuracy=g["accuracy"], per_attribute=g["per_attribute"], n=g["n"], after_stage=k)
+                    dump.log(schedule=n, storage_gate=g["accuracy"])
+
             with tempfile.TemporaryDirectory(prefix="pit-", dir=dump.path) as tmp:
-                history = run_plan(model, tok, plan, encoded, settings, tmp,
-                                   on_stage=lambda k, r, n=number: dump.log(schedule=n, **r))
+                history = run_plan(model, tok, plan, encoded, settings, tmp, on_stage=after_stage)
             t_train = time.perf_counter() - t
             test = evaluate_qa(model, tok, test_qa, **eval_kw)
             train = evaluate_qa(model, tok, train_sample, **eval_kw) if train_sample else None
             row = {"schedule": number, "name": plan.name, "fingerprint": fp, "plan": plan.describe(), "history": history,
-                   "trainable_parameters": trainable, "test": _brief(test), "train_qa": _brief(train) if train else None,
+                   "trainable_parameters": trainable, "storage_gate": gate or None, "test": _brief(test),
+                   "train_qa": _brief(train) if train else None,
                    "train_seconds": t_train, "seconds": time.perf_counter() - t}
             dump.log(schedule=number, test_em=test["em"], test_recall=test["recall"], train_qa_em=train["em"] if train else None)
             if cfg.save_models:
                 _save_model(model, tok, dump.path / f"model-{number}")
             append_jsonl(rows_path, row)
             results["schedules"].append(row)
-            ui.info(f"schedule {number} ({plan.name}): test EM {test['em']:.1f}, recall {test['recall']:.1f}")
+            stored = f", storage gate {gate['accuracy']:.1f}" if gate else ""
+            ui.info(f"schedule {number} ({plan.name}): test EM {test['em']:.1f}, recall {test['recall']:.1f}{stored}")
             bar.advance(task)
     results["seconds"] = time.perf_counter() - t_start
     dump.write_results(results)
