@@ -23,7 +23,12 @@ testbed sizes.  The paper-sized real run on a GPU is ``python benchmarks/pit.py 
 --real lm=default n_people=300 doc_epochs=10 qa_epochs=3 doc_lr=3e-5 qa_lr=5e-6 trainable_top_layers=0
 batch_size=16 keep_qa=64``.
 
-Usage: python benchmarks/pit.py [--quick] [--threads 2] [--seeds 0,1,2] [--schedules 2,7,8] [--with-real]
+``--extras`` (one seed, about 30 minutes, merged into the JSON): schedules 1, 4, 5, 6; the augmentation
+axis (2, 7, 8 at one biography per person with the same exposures per fact); standard (2) with 4x the QA
+epochs; each with the gate's curve against test-document epochs (``pit_curve.png``).  ``--full`` = the
+default run, then ``--extras`` (about 60 minutes).
+
+Usage: python benchmarks/pit.py [--quick] [--extras|--full] [--threads 2] [--seeds 0,1,2] [--schedules 2,7,8] [--with-real]
 """
 
 from __future__ import annotations
@@ -125,29 +130,121 @@ def candidates(specs: list[str], threads: int, n_people: int = 200, batch: int =
     return out
 
 
+def _set(overrides: list[str], **kv) -> list[str]:
+    """``overrides`` with the given keys replaced."""
+    return [o for o in overrides if o.split("=", 1)[0] not in kv] + [f"{k}={v}" for k, v in kv.items()]
+
+
+def _one(res: dict) -> dict:
+    """One seed's schedules: EM, train-QA EM, gate and its curve."""
+    out = {}
+    for r in res["schedules"]:
+        g = r.get("storage_gate") or {}
+        out[str(r["schedule"])] = {
+            "name": r["name"], "test_em": round(r["test"]["em"], 2), "test_recall": round(r["test"]["recall"], 2),
+            "train_qa_em": round(r["train_qa"]["em"], 2) if r["train_qa"] else None,
+            "storage_gate": round(g["accuracy"], 2) if g else None, "gate_curve": g.get("curve"),
+            "per_attribute_em": {a: round(v["em"], 2) for a, v in sorted(r["test"]["per_attribute"].items())},
+            "tokens": r["plan"]["tokens"], "seconds": round(r["seconds"], 1), "stages": r["plan"]["stages"]}
+    return out
+
+
+def extras(results: dict, args, common: list[str], out_path: Path, seed: int = 0, curve_points: int = 6) -> None:
+    """One-seed parts of issue 24 beside the three-seed comparison: the remaining schedules, the
+    augmentation axis, a standard baseline with more QA training, each with the gate's curve."""
+    base = [*args.tiny, *common, f"seed={seed}", f"gate_curve={curve_points}"]
+    t = time.perf_counter()
+    res = run([*base, "schedules=[1,4,5,6]", f"dump_dir={args.work}/extra-schedules"])
+    results["tiny_one_seed"] = {"seed": seed, "overrides": args.tiny, "schedules": _one(res),
+                                "majority_answer": round(res["references"]["majority_answer"]["em"], 2),
+                                "seconds": round(time.perf_counter() - t, 1)}
+    write(results, out_path)
+    print("schedules 1,4,5,6: " + ", ".join(f"({k}) {v['test_em']}" for k, v in results["tiny_one_seed"]["schedules"].items()), flush=True)
+
+    t = time.perf_counter()
+    epochs = float(next(o for o in args.tiny if o.startswith("doc_epochs=")).split("=")[1])
+    bios = int(next(o for o in args.tiny if o.startswith("bios_per_person=")).split("=")[1])
+    one = _set(base, bios_per_person=1, permute="false", fullname="false", doc_epochs=f"{epochs * bios:g}")
+    res1 = run([*one, "schedules=[2,7,8]", f"dump_dir={args.work}/augmentation-1bio"])
+    five = results.get("tiny", {}).get("schedules", {})
+    seed_i = results.get("tiny", {}).get("seeds", []).index(seed) if seed in results.get("tiny", {}).get("seeds", []) else None
+    results["augmentation"] = {
+        "seed": seed, "note": f"one biography per person, no permutation, first names, {epochs * bios:g} document epochs "
+                              f"(the same exposures per fact and tokens as {bios} biographies x {epochs:g} epochs)",
+        "one_bio": _one(res1), "one_bio_majority_answer": round(res1["references"]["majority_answer"]["em"], 2),
+        "five_bios_same_seed": {k: {"test_em": v["test_em"]["values"][seed_i], "storage_gate": v["storage_gate"]["values"][seed_i],
+                                    "train_qa_em": v["train_qa_em"]["values"][seed_i] if v.get("train_qa_em") else None}
+                                for k, v in five.items()} if seed_i is not None else None,
+        "seconds": round(time.perf_counter() - t, 1)}
+    write(results, out_path)
+    print("one biography: " + ", ".join(f"({k}) {v['test_em']} gate {v['storage_gate']}"
+                                        for k, v in results["augmentation"]["one_bio"].items()), flush=True)
+
+    t = time.perf_counter()
+    qa_epochs = float(next(o for o in args.tiny if o.startswith("qa_epochs=")).split("=")[1])
+    res2 = run([*_set(base, qa_epochs=f"{4 * qa_epochs:g}"), "schedules=[2]", f"dump_dir={args.work}/standard-more-qa"])
+    results["standard_more_qa"] = {
+        "seed": seed, "qa_epochs": 4 * qa_epochs,
+        "note": "does standard instruction-tuning extract more once its QA stage fits the train people? (its own budget)",
+        "schedules": _one(res2), "seconds": round(time.perf_counter() - t, 1)}
+    write(results, out_path)
+    print("standard, 4x QA epochs: " + str(results["standard_more_qa"]["schedules"]["2"]["test_em"]), flush=True)
+
+
 def above_floor(schedules: dict, floor: float, margin: float = 2.0) -> list[str]:
     """Schedules whose mean test EM beats always answering the most frequent train answer by ``margin`` points."""
     return [k for k, v in schedules.items() if v["test_em"]["mean"] > floor + margin]
 
 
 def plot(results: dict, path: Path) -> None:
+    """``path``: test EM beside the storage gate per schedule (error bars over seeds), the augmentation axis
+    and the SmolLM2 tables; ``path``-``curve``: the gate and test EM against test-document epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [p for p in results if (p == "tiny" or p.startswith("real")) and "schedules" in results[p]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 3.8), squeeze=False,
-                             gridspec_kw={"width_ratios": [3 if p == "tiny" else 1.4 for p in panels]})
+    if results.get("augmentation", {}).get("five_bios_same_seed"):
+        panels.insert(1 if "tiny" in panels else 0, "augmentation")
+    if panels:
+        _bars(results, panels, path, plt)
+    _curves(results, path, plt)
+
+
+def _bars(results: dict, panels: list[str], path: Path, plt) -> None:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels) + 1, 3.9), squeeze=False,
+                             gridspec_kw={"width_ratios": [3 if p == "tiny" else 1.6 for p in panels]})
     for ax, p in zip(axes[0], panels):
+        if p == "augmentation":
+            aug = results[p]
+            keys = list(aug["one_bio"])
+            x = range(len(keys))
+            ax.bar([i - 0.2 for i in x], [aug["one_bio"][k]["test_em"] for k in keys], 0.4, color="tab:gray", label="1 bio")
+            ax.bar([i + 0.2 for i in x], [aug["five_bios_same_seed"][k]["test_em"] for k in keys], 0.4, color="tab:orange",
+                   label="5 bios (permuted, full names)")
+            ax.set_xticks(list(x), [f"({k}) {aug['one_bio'][k]['name']}" for k in keys], rotation=30, ha="right", fontsize=7)
+            ax.set_ylabel("test EM (%)")
+            ax.legend(fontsize=7)
+            ax.set_title(f"augmentation axis, seed {aug['seed']} (gate: "
+                         + ", ".join(f"{aug['one_bio'][k]['storage_gate']:.0f}" for k in keys) + " / "
+                         + ", ".join(f"{aug['five_bios_same_seed'][k]['storage_gate']:.0f}" for k in keys) + ")", fontsize=8)
+            continue
         sch = results[p]["schedules"]
         keys = list(sch)
         means = [sch[k]["test_em"]["mean"] for k in keys]
         errs = [sch[k]["test_em"]["std"] for k in keys]
         colors = ["tab:orange" if k in ("7", "8") else "tab:gray" if k == "2" else "tab:blue" for k in keys]
-        ax.bar(range(len(keys)), means, yerr=errs, capsize=3, color=colors)
+        gated = all(sch[k].get("storage_gate") for k in keys)
+        w = 0.4 if gated else 0.8
+        ax.bar([i + (0.2 if gated else 0) for i in range(len(keys))], means, w, yerr=errs, capsize=3, color=colors,
+               label="test QA EM")
+        if gated:
+            ax.bar([i - 0.2 for i in range(len(keys))], [sch[k]["storage_gate"]["mean"] for k in keys], w,
+                   yerr=[sch[k]["storage_gate"]["std"] for k in keys], capsize=3, color="tab:green", alpha=0.35,
+                   label="storage gate (completion)")
         ax.set_xticks(range(len(keys)), [f"({k}) {sch[k]['name']}" for k in keys], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("test EM (%)")
+        ax.set_ylabel("accuracy (%)" if gated else "test EM (%)")
         refs = results[p].get("references", {})
         if refs.get("open_book") is not None:
             ax.axhline(refs["open_book"], ls="--", color="tab:green", lw=1, label=f"open-book ref. {refs['open_book']:.1f}")
@@ -155,11 +252,31 @@ def plot(results: dict, path: Path) -> None:
         if maj is not None:
             maj = maj["mean"] if isinstance(maj, dict) else maj
             ax.axhline(maj, ls=":", color="tab:red", lw=1, label=f"majority answer {maj:.1f}")
-        if refs:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
         ax.set_title(results[p]["title"], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _curves(results: dict, path: Path, plt) -> None:
+    curves = []
+    for part, label in (("tiny_one_seed", "5 bios"), ("augmentation", "1 bio"), ("standard_more_qa", "5 bios, 4x QA")):
+        sch = results.get(part, {}).get("one_bio" if part == "augmentation" else "schedules", {})
+        curves += [(f"({k}) {v['name']}, {label}", v["gate_curve"]) for k, v in sch.items() if v.get("gate_curve")]
+    if not curves:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.9))
+    for name, c in curves:
+        xs = [r["test_doc_epochs"] for r in c]
+        a1.plot(xs, [r["gate"] for r in c], marker="o", ms=3, label=name)
+        a2.plot(xs, [r["test_em"] for r in c], marker="o", ms=3, label=name)
+    a1.axhline(90, ls=":", color="k", lw=1)
+    a1.set(xlabel="test-document epochs", ylabel="storage gate (%)", title="completion of stored values (gate 90%)")
+    a2.set(xlabel="test-document epochs", ylabel="test QA EM (%)", title="extraction by questions")
+    a2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.stem + "_curve.png"), dpi=130)
     plt.close(fig)
 
 
@@ -184,6 +301,11 @@ def main() -> None:
     ap.add_argument("--candidates", default="",
                     help="only measure training tokens/s of from-scratch testbeds HIDDENxLAYERS,... (e.g. 256x4,384x4,512x2) "
                          "and record them as results['testbed_candidates']")
+    ap.add_argument("--extras", action="store_true",
+                    help="one seed (0) on the default testbed: schedules 1,4,5,6; the augmentation axis (2,7,8 at one "
+                         "biography per person, 150 document epochs = the same exposures per fact); standard (2) with "
+                         "4x the QA epochs; each with the storage-gate curve (about 30 minutes); merged into the JSON")
+    ap.add_argument("--full", action="store_true", help="the default run, then --extras (about 60 minutes)")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--work", default="/tmp/tessera-pit-bench", help="dump dirs (resumable)")
@@ -220,6 +342,8 @@ def main() -> None:
         write(results, out_path)
         return
     common = [f"threads={args.threads}"]
+    if args.extras and not args.full:
+        args.skip_tiny = True
     if not args.skip_tiny:
         seeds = [int(s) for s in args.seeds.split(",")]
         per_seed = []
@@ -258,6 +382,8 @@ def main() -> None:
             "pitpp_minus_standard_em": {"target": GOAL_POINTS, "measured": pp, "met": bool(pp is not None and pp >= GOAL_POINTS)},
         }
         write(results, out_path)
+    if args.extras or args.full:
+        extras(results, args, common, out_path)
     if args.with_real and not args.skip_real:
         key = f"real_{args.real_tag}" if args.real_tag else "real"
         res = run([*args.real, *common, "seed=0", "schedules=[2,7]", f"dump_dir={args.work}/{key}"])

@@ -260,3 +260,28 @@ def test_storage_gate_separates_memorised_from_unseen_people():
     assert storage_gate(model, tok, unseen)["accuracy"] <= 40
     with pytest.raises(InputError, match="spans"):
         storage_gate(model, tok, [type(seen[0])(id="x", text="no spans", entity="x")])
+
+
+def test_gate_curve_follows_the_test_document_stage(tmp_path):
+    """``gate_curve=N`` measures the gate (and test EM) at N points of the last test-document stage; the
+    last point is the stage's end, so it equals the final gate; a run without a curve keeps its fingerprint."""
+    from dataclasses import replace
+
+    from tessera.config import load_config
+    from tessera.recipes import pit
+
+    cfg = load_config(pit.Config, None, [f"dump_dir={tmp_path}", "n_people=6", "tiny_hidden=32", "tiny_layers=1",
+                                         "tiny_vocab=300", "doc_epochs=2", "qa_epochs=1", "keep_qa=2", "batch_size=8",
+                                         "eval_train_qa=0", "max_new_tokens=4", "threads=1", "references=false",
+                                         "schedules=[7]", "gate_curve=2"])
+    res = json.loads((pit.main(cfg) / "results.json").read_text())
+    gate = res["schedules"][0]["storage_gate"]
+    curve = gate["curve"]
+    assert len(curve) == 2 and curve[0]["step"] < curve[1]["step"]
+    stage = res["schedules"][0]["plan"]["stages"][gate["after_stage"]]
+    assert curve[-1]["test_doc_epochs"] == pytest.approx(stage["epochs"]["docs_test"], abs=0.01)
+    assert curve[-1]["gate"] == pytest.approx(gate["accuracy"])
+    assert curve[-1]["test_em"] == pytest.approx(res["schedules"][0]["test"]["em"])
+    assert pit._fingerprint(replace(cfg, gate_curve=0)) != pit._fingerprint(cfg)
+    assert pit._fingerprint(replace(cfg, gate_curve=0)) == pit._fingerprint(
+        {k: v for k, v in pit.asdict(replace(cfg, gate_curve=0)).items() if k != "gate_curve"})

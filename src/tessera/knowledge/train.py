@@ -61,8 +61,10 @@ def freeze_lower_layers(model, trainable_top_layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_stage(model, tokenizer, examples: list[dict], lr: float, settings: TrainSettings, output_dir: str) -> dict:
-    """One stage with ``transformers.Trainer``; returns loss, steps and time."""
+def train_stage(model, tokenizer, examples: list[dict], lr: float, settings: TrainSettings, output_dir: str,
+                callbacks: list | None = None) -> dict:
+    """One stage with ``transformers.Trainer``; returns loss, steps and time.  ``callbacks``: extra
+    ``transformers.TrainerCallback`` objects (e.g. :class:`EvalAtFractions`)."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -78,7 +80,8 @@ def train_stage(model, tokenizer, examples: list[dict], lr: float, settings: Tra
     )
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=KnowledgeCollator(pad))
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=KnowledgeCollator(pad),
+                      callbacks=callbacks)
     if settings.quiet:
         from transformers.trainer_callback import PrinterCallback
 
@@ -91,12 +94,38 @@ def train_stage(model, tokenizer, examples: list[dict], lr: float, settings: Tra
             "steps": trainer.state.global_step, "seconds": time.perf_counter() - t, "log": trainer.state.log_history}
 
 
-def run_plan(model, tokenizer, plan, encoded: dict, settings: TrainSettings, output_dir: str, on_stage=None) -> list[dict]:
-    """Train through every stage of ``plan`` in order; ``on_stage(k, stats)`` after each."""
+def eval_at_fractions(fractions, evaluate):
+    """A ``TrainerCallback`` that calls ``evaluate(step, fraction)`` when training has done each of
+    ``fractions`` (0-1] of its steps, in eval mode, then returns the model to training.  The
+    storage-gate curve (gate accuracy against document epochs) is measured this way."""
+    from transformers import TrainerCallback
+
+    class EvalAtFractions(TrainerCallback):
+        def __init__(self):
+            self.rows: list = []
+            self._at: dict[int, float] = {}
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self._at = {max(1, round(f * state.max_steps)): f for f in sorted(fractions)}
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step in self._at:
+                was_training = model.training
+                self.rows.append(evaluate(state.global_step, self._at[state.global_step]))
+                model.train(was_training)
+
+    return EvalAtFractions()
+
+
+def run_plan(model, tokenizer, plan, encoded: dict, settings: TrainSettings, output_dir: str, on_stage=None,
+             callbacks_for=None) -> list[dict]:
+    """Train through every stage of ``plan`` in order; ``on_stage(k, stats)`` after each;
+    ``callbacks_for(k)`` -> extra Trainer callbacks for stage ``k`` (or None)."""
     history = []
     for k, stage in enumerate(plan.stages):
         examples = [encoded[item] for item in stage.items]
-        stats = train_stage(model, tokenizer, examples, stage.lr, settings, output_dir)
+        stats = train_stage(model, tokenizer, examples, stage.lr, settings, output_dir,
+                            callbacks_for(k) if callbacks_for is not None else None)
         row = {"stage": k, "name": stage.name, "examples": len(examples), "tokens": stage.tokens, "lr": stage.lr,
                **{key: v for key, v in stats.items() if key != "log"}}
         history.append(row)

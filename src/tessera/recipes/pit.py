@@ -78,6 +78,9 @@ class Config:
     # the storage gate: after the last stage with test documents, complete every attribute value inside each test
     # person's first biography (synthetic data only); QA EM compares extraction only where this is high
     storage_gate: bool = True
+    # the gate's curve: also measure the gate (and test QA EM) at this many evenly spaced points of that
+    # last test-document stage (0 = only at its end); recorded per schedule as storage_gate.curve
+    gate_curve: int = 0
     save_models: bool = False
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
@@ -118,6 +121,8 @@ def _fingerprint(cfg: Config | dict) -> str:
     """What a finished schedule's result depends on (not: which schedules, where, how many threads)."""
     d = cfg if isinstance(cfg, dict) else asdict(cfg)
     d = {k: v for k, v in d.items() if k not in ("schedules", "dump_dir", "threads", "save_models")}
+    if not d.get("gate_curve"):  # measuring a curve does not change training; runs without one keep their fingerprint
+        d.pop("gate_curve", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -166,7 +171,7 @@ def main(cfg: Config) -> Path:
     from tessera.data.jsonl import append_jsonl
     from tessera.knowledge.evaluate import evaluate_qa, majority_baseline, storage_gate
     from tessera.knowledge.schedules import DOCS_TEST, build_plan, check_schedule
-    from tessera.knowledge.train import TrainSettings, encode_all, freeze_lower_layers, run_plan
+    from tessera.knowledge.train import TrainSettings, encode_all, eval_at_fractions, freeze_lower_layers, run_plan
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -230,8 +235,27 @@ def main(cfg: Config) -> Path:
                     gate.update(accuracy=g["accuracy"], per_attribute=g["per_attribute"], n=g["n"], after_stage=k)
                     dump.log(schedule=n, storage_gate=g["accuracy"])
 
+            curve: list = []
+
+            def callbacks_for(k, plan=plan, last=last_doc_stage, curve=curve):
+                if not (cfg.storage_gate and cfg.gate_curve > 0 and k == last and any(d.spans for d in kset.test_docs)):
+                    return None
+                epochs = plan.stages[k].epochs[DOCS_TEST]
+
+                def point(step, fraction):
+                    g = storage_gate(model, tok, kset.test_docs, batch_size=cfg.eval_batch_size)
+                    qa = evaluate_qa(model, tok, test_qa, **eval_kw)
+                    row = {"step": step, "test_doc_epochs": round(fraction * epochs, 2), "gate": g["accuracy"], "test_em": qa["em"]}
+                    curve.append(row)
+                    dump.log(schedule=plan.schedule, gate_curve=row)
+                    return row
+
+                return [eval_at_fractions([(i + 1) / cfg.gate_curve for i in range(cfg.gate_curve)], point)]
+
             with tempfile.TemporaryDirectory(prefix="pit-", dir=dump.path) as tmp:
-                history = run_plan(model, tok, plan, encoded, settings, tmp, on_stage=after_stage)
+                history = run_plan(model, tok, plan, encoded, settings, tmp, on_stage=after_stage, callbacks_for=callbacks_for)
+            if gate and curve:
+                gate["curve"] = curve
             t_train = time.perf_counter() - t
             test = evaluate_qa(model, tok, test_qa, **eval_kw)
             train = evaluate_qa(model, tok, train_sample, **eval_kw) if train_sample else None
