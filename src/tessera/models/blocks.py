@@ -139,7 +139,7 @@ class ExpertChoiceMoE(nn.Module):
             if chosen.shape[1]:
                 y = self.experts.batched(x[chosen])  # [E, k, d]
                 w = gates.gather(0, chosen.t()).t()  # [E, k]
-                out.index_add_(0, chosen.reshape(-1), (y * w[..., None]).reshape(-1, x.shape[1]))
+                out.index_add_(0, chosen.reshape(-1), (y * w[..., None]).reshape(-1, x.shape[1]).to(out.dtype))
             return out
         if ctx.routing != "aux":
             raise ValueError(f"unknown routing {ctx.routing!r}; use 'batch' or 'aux'")
@@ -148,7 +148,7 @@ class ExpertChoiceMoE(nn.Module):
         sel = self.aux(x) > 0
         for e in range(self.n_experts):
             ids = torch.nonzero(sel[:, e], as_tuple=False).squeeze(1)
-            out.index_add_(0, ids, self.experts.one(e, x[ids]) * gates[ids, e, None])
+            out.index_add_(0, ids, (self.experts.one(e, x[ids]) * gates[ids, e, None]).to(out.dtype))
         return out
 
 
@@ -167,7 +167,7 @@ class TokenChoiceMoE(nn.Module):
         out = torch.zeros_like(x)
         for e in range(self.n_experts):
             tok, slot = torch.nonzero(ids == e, as_tuple=True)
-            out.index_add_(0, tok, self.experts.one(e, x[tok]) * w[tok, slot, None])
+            out.index_add_(0, tok, (self.experts.one(e, x[tok]) * w[tok, slot, None]).to(out.dtype))
         return out
 
 

@@ -173,7 +173,8 @@ class MixedModalTransformer(nn.Module):
             img = ctx.index.idx[IMAGE]
             xf = x.reshape(B * T, -1).clone()
             t = timesteps.reshape(-1)[img]
-            xf[img] = self.patch_in(patches.reshape(B * T, -1)[img]) + self.time_mlp(timestep_embedding(t, self.cfg.d_model))
+            emb = self.patch_in(patches.reshape(B * T, -1)[img]) + self.time_mlp(timestep_embedding(t, self.cfg.d_model))
+            xf[img] = emb.to(xf.dtype)  # bf16 under autocast; the residual stream keeps the embeddings' dtype
             x = xf.view(B, T, -1)
         for layer in self.layers:
             x = layer(x, ctx)

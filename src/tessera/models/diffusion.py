@@ -29,8 +29,9 @@ def make_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
 def sample_timesteps(n: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, max_t: torch.Tensor | int | None = None,
                      generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Uniform timesteps in ``[0, max_t)`` (``max_t`` per sample or scalar; default all 1000 steps)."""
-    u = torch.rand(n, generator=generator, device=device)
-    hi = torch.as_tensor(num_train_timesteps if max_t is None else max_t, device=device).float()
+    # drawn on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved
+    u = torch.rand(n, generator=generator, device=generator.device if generator is not None else device).to(device)
+    hi = torch.as_tensor(num_train_timesteps if max_t is None else max_t).to(u.device).float()
     return (u * hi).long().clamp(max=num_train_timesteps - 1)
 
 
@@ -56,7 +57,9 @@ def ddpm_sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sh
     ``t`` (a 0-d tensor).  With ``guidance_scale != 1`` and ``uncond_eps_fn``, classifier-free guidance.
     """
     scheduler.set_timesteps(num_inference_steps, device=device)
-    x = torch.randn(shape, generator=generator, device=device)
+    from diffusers.utils.torch_utils import randn_tensor  # draws on a CPU generator's device, then moves
+
+    x = randn_tensor(shape, generator=generator, device=torch.device(device) if device is not None else torch.device("cpu"))
     for t in scheduler.timesteps:
         eps = eps_fn(x, t)
         if uncond_eps_fn is not None and guidance_scale != 1.0:

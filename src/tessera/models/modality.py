@@ -68,7 +68,11 @@ class PerModality(nn.Module):
         if len(self.mods) == 1:
             return self._call(self.mods[0], x, ctx)
         ys = [self._call(mod, x.index_select(0, idx), ctx) for mod, idx in zip(self.mods, index.idx)]
-        out = x.new_empty((x.shape[0], ys[0].shape[-1]))
+        # under autocast the modules' outputs may be bf16 (linear) or fp32 (norms): keep the widest
+        dtype = ys[0].dtype
+        for y in ys[1:]:
+            dtype = torch.promote_types(dtype, y.dtype)
+        out = x.new_empty((x.shape[0], ys[0].shape[-1]), dtype=dtype)
         for y, idx in zip(ys, index.idx):
-            out[idx] = y
+            out[idx] = y.to(dtype)
         return out
