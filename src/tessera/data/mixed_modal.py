@@ -130,7 +130,8 @@ class MixedModalData:
     def __init__(self, setting: str, images: np.ndarray, labels: np.ndarray, text: np.ndarray,
                  codes: np.ndarray | None = None, n_image_codes: int = 0, patch_size: int = 2,
                  text_fraction: float = 0.25, caption_first: float = 0.8, templates=CAPTION_TEMPLATES,
-                 vocab: MixedModalVocab | None = None):
+                 vocab: MixedModalVocab | None = None, augment_shift: int = 0, augment_gain: float = 0.0,
+                 encode=None):
         if setting not in ("chameleon", "transfusion"):
             raise InputError(f"unknown setting {setting!r}; use chameleon or transfusion")
         if setting == "chameleon" and codes is None:
@@ -138,6 +139,11 @@ class MixedModalData:
         self.setting, self.images, self.labels, self.text = setting, images, labels, text
         self.codes, self.patch_size, self.templates = codes, patch_size, tuple(templates)
         self.text_fraction, self.caption_first = text_fraction, caption_first
+        if augment_shift < 0 or not 0.0 <= augment_gain < 1.0:
+            raise InputError(f"augment_shift must be >= 0 and augment_gain in [0, 1), got {augment_shift} and {augment_gain}")
+        if setting == "chameleon" and (augment_shift or augment_gain) and encode is None:
+            raise InputError("augmenting images in the chameleon setting needs encode (images -> image codes)")
+        self.augment_shift, self.augment_gain, self.encode = augment_shift, augment_gain, encode
         self.vocab = vocab or MixedModalVocab(n_image_codes if setting == "chameleon" else 0)
         H, W = images.shape[1:]
         self.height, self.width = H, W
@@ -152,20 +158,41 @@ class MixedModalData:
         max_cap = max(len(self.vocab.encode_text(caption_for(d, t))) for d in range(10) for t in self.templates)
         self.seq_len = 5 + self.image_len + max_cap
 
-    # -- one sequence ----------------------------------------------------------------------------
-    def image_tokens(self, i: int) -> list[int]:
-        return [self.vocab.image_offset + int(c) for c in self.codes[i]]
+    @property
+    def augments(self) -> bool:
+        return bool(self.augment_shift or self.augment_gain)
 
-    def image_patches(self, i: int) -> np.ndarray:
+    def augmented(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        """Image ``i`` drawn anew: shifted by up to ``augment_shift`` pixels each way (zero fill) and its
+        ink scaled by a gain in ``[1 - augment_gain, 1]``, so that training images do not repeat."""
+        img = self.images[i]
+        s = self.augment_shift
+        if s:
+            dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
+            H, W = img.shape
+            out = np.zeros_like(img)
+            out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = img[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+            img = out
+        if self.augment_gain:
+            img = img * np.float32(1.0 - self.augment_gain * rng.random())
+        return img
+
+    # -- one sequence ----------------------------------------------------------------------------
+    def image_tokens(self, i: int, codes: np.ndarray | None = None) -> list[int]:
+        return [self.vocab.image_offset + int(c) for c in (self.codes[i] if codes is None else codes)]
+
+    def image_patches(self, i: int, image: np.ndarray | None = None) -> np.ndarray:
         from tessera.models.diffusion import patchify
 
-        x = torch.from_numpy(self.images[i][None, None] * 2.0 - 1.0)
+        x = torch.from_numpy((self.images[i] if image is None else image)[None, None] * 2.0 - 1.0)
         return patchify(x, self.patch_size)[0].numpy()
 
-    def pair_tokens(self, i: int, caption: str, caption_first: bool) -> tuple[list[int], list[int]]:
-        """``(tokens, modality)`` of one image-caption pair (image positions: image ids or PAD)."""
+    def pair_tokens(self, i: int, caption: str, caption_first: bool,
+                    codes: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+        """``(tokens, modality)`` of one image-caption pair (image positions: image ids or PAD);
+        ``codes``: the image's codes when it was augmented (default: image ``i``'s own)."""
         v = self.vocab
-        img = self.image_tokens(i) if self.setting == "chameleon" else [v.pad] * self.image_len
+        img = self.image_tokens(i, codes) if self.setting == "chameleon" else [v.pad] * self.image_len
         cap = v.encode_text(caption)
         im_mod = [IMAGE] * len(img)
         if caption_first:
@@ -187,6 +214,7 @@ class MixedModalData:
         understanding = np.zeros(batch_size, dtype=bool)
         labels = np.full(batch_size, -1, dtype=np.int64)
         pool = index if index is not None else np.arange(len(self.images))
+        pairs = []  # (row, image index, caption-first, augmented image or None)
         for b in range(batch_size):
             if rng.random() < self.text_fraction:
                 start = int(rng.integers(0, self.text.size - (T - 1)))
@@ -195,12 +223,22 @@ class MixedModalData:
                 continue
             i = int(pool[rng.integers(0, len(pool))])
             first = bool(rng.random() < self.caption_first)
-            toks, mod = self.pair_tokens(i, caption_for(self.labels[i], self.templates[rng.integers(0, len(self.templates))]), first)
+            template = self.templates[rng.integers(0, len(self.templates))]
+            pairs.append((b, i, first, template, None))
+        if self.augments and pairs:  # drawn after the layout, so a batch's sequences do not depend on augmentation
+            arng = np.random.default_rng(int(rng.integers(2**63)))
+            pairs = [(b, i, first, template, self.augmented(i, arng)) for b, i, first, template, _ in pairs]
+        codes = None
+        if self.setting == "chameleon" and self.augments and pairs:
+            codes = np.asarray(self.encode(np.stack([p[4] for p in pairs])))
+        for k, (b, i, first, template, img) in enumerate(pairs):
+            toks, mod = self.pair_tokens(i, caption_for(self.labels[i], template), first,
+                                         codes[k] if codes is not None else None)
             tokens[b, :len(toks)], modality[b, :len(mod)] = toks, mod
             understanding[b], labels[b] = not first, self.labels[i]
             if patches is not None:
                 pos = np.nonzero(modality[b] == IMAGE)[0]
-                patches[b, pos] = self.image_patches(i)
+                patches[b, pos] = self.image_patches(i, img)
         return self.to_batch(tokens, modality, patches, understanding, labels)
 
     def to_batch(self, tokens: np.ndarray, modality: np.ndarray, patches: np.ndarray | None,

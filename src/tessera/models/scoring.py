@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def get_classifier(data, train_idx, val_idx, dump: Path | None, *, steps: int, seed: int):
+def get_classifier(data, train_idx, val_idx, dump: Path | None, *, steps: int, seed: int, shift: int = 0):
     """``(classifier, val_accuracy)``: the judge, a digit CNN trained on ``data.images[train_idx]`` for
     ``steps`` steps (cached as ``dump/classifier.pt`` when ``dump`` is given)."""
     import torch
@@ -22,7 +22,7 @@ def get_classifier(data, train_idx, val_idx, dump: Path | None, *, steps: int, s
         clf.load_state_dict(torch.load(path, map_location="cpu"))
         clf.eval()
     else:
-        clf = train_digit_classifier(data.images[train_idx], data.labels[train_idx], steps=steps, seed=seed)
+        clf = train_digit_classifier(data.images[train_idx], data.labels[train_idx], steps=steps, seed=seed, shift=shift)
         if path is not None:
             tmp = path.with_name(".classifier.pt.tmp")
             torch.save(clf.state_dict(), tmp)

@@ -72,6 +72,11 @@ class Config:
     text_fraction: float = 0.25  # share of text-only sequences
     caption_first: float = 0.8  # Transfusion: 80% of pairs caption first
     n_val_images: int = 300
+    # training images drawn anew each time (validation images never): shifted by up to augment_shift pixels
+    # each way and their ink scaled by a gain in [1 - augment_gain, 1], so a long run does not see repeats
+    # (1,497 training digits repeat every ~60 steps of batch 32 otherwise, and the model overfits)
+    augment_shift: int = 1
+    augment_gain: float = 0.3
     vq_codes: int = 64  # MNIST VQ tokenizer (Chameleon: 8192 codes; scaled down)
     vq_steps: int = 800
     # objective
@@ -152,8 +157,9 @@ def build_data(cfg: Config, dump: Path | None = None):
     images, labels = load_image_set(cfg.dataset, mnist_dir)
     train_idx, val_idx = split_indices(len(images), cfg.n_val_images, seed=0)
     train_docs, val_docs, text_source = _text_docs(cfg)
-    info = {"images": cfg.dataset, "n_train_images": len(train_idx), "n_val_images": len(val_idx), "text": text_source}
-    codes, n_codes, codes_to_images = None, 0, None
+    info = {"images": cfg.dataset, "n_train_images": len(train_idx), "n_val_images": len(val_idx), "text": text_source,
+            "augment_shift": cfg.augment_shift, "augment_gain": cfg.augment_gain}
+    codes, n_codes, codes_to_images, encode = None, 0, None, None
     if cfg.setting == "chameleon":
         if cfg.dataset == "digits":  # pixel-value tokens: 17 grey levels
             codes = np.rint(images.reshape(len(images), -1) * 16).astype(np.int64)
@@ -161,6 +167,9 @@ def build_data(cfg: Config, dump: Path | None = None):
 
             def codes_to_images(c):
                 return c.float().view(-1, 8, 8) / 16.0
+
+            def encode(imgs):
+                return np.rint(imgs.reshape(len(imgs), -1) * 16).astype(np.int64)
         else:
             from tessera.models.vq import VQTokenizer, train_vq_tokenizer
 
@@ -182,10 +191,15 @@ def build_data(cfg: Config, dump: Path | None = None):
 
             def codes_to_images(c):
                 return vq.decode(c, H, W)
+
+            def encode(imgs):
+                with torch.no_grad():
+                    return vq.encode(torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))).numpy()
     patch = cfg.patch_size or (2 if cfg.dataset == "digits" else 4)
     common = dict(codes=codes, n_image_codes=n_codes, patch_size=patch, text_fraction=cfg.text_fraction,
                   caption_first=cfg.caption_first)
-    train = MixedModalData(cfg.setting, images, labels, text_stream(train_docs), **common)
+    train = MixedModalData(cfg.setting, images, labels, text_stream(train_docs), augment_shift=cfg.augment_shift,
+                           augment_gain=cfg.augment_gain, encode=encode, **common)
     val = MixedModalData(cfg.setting, images, labels, text_stream(val_docs), **common)
     info.update(seq_len=train.seq_len, image_tokens=train.image_len, vocab_size=train.vocab.size)
     return train, val, train_idx, val_idx, codes_to_images, info
@@ -225,7 +239,7 @@ def main(cfg: Config) -> Path:
     dump_path.mkdir(parents=True, exist_ok=True)
     train_data, val_data, train_idx, val_idx, codes_to_images, data_info = build_data(cfg, dump_path if info.is_main else None)
     clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
-                                  steps=cfg.classifier_steps, seed=cfg.seed)
+                                  steps=cfg.classifier_steps, seed=cfg.seed, shift=cfg.augment_shift)
     dump = DumpDir(dump_path, cfg) if info.is_main else None
 
     # 2. the model and its objective

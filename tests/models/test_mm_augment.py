@@ -1,0 +1,74 @@
+"""Training images drawn anew (random offsets and ink gain): they do not repeat, tokens and patches follow
+the augmented image, and the judge learns shifted digits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mm_helpers import TEXT_DOC  # noqa: E402
+
+from tessera.data.mixed_modal import MixedModalData, load_image_set, text_stream  # noqa: E402
+from tessera.errors import InputError  # noqa: E402
+from tessera.models import diffusion as D  # noqa: E402
+from tessera.models.classifier import _shifted  # noqa: E402
+from tessera.models.modality import IMAGE  # noqa: E402
+
+
+def _encode(imgs):
+    return np.rint(imgs.reshape(len(imgs), -1) * 16).astype(np.int64)
+
+
+def _data(setting, **kw):
+    imgs, labels = load_image_set("digits")
+    imgs, labels = imgs[:1], labels[:1]  # one image: every pair in a batch is a version of it
+    return MixedModalData(setting, imgs, labels, text_stream([TEXT_DOC]), codes=_encode(imgs), n_image_codes=17,
+                          patch_size=2, text_fraction=0.0, encode=_encode if setting == "chameleon" else None, **kw)
+
+
+def _versions(img, shift, gains):
+    return [g * _shifted(torch.from_numpy(img), dy, dx).numpy() for dy in range(-shift, shift + 1)
+            for dx in range(-shift, shift + 1) for g in gains]
+
+
+def test_chameleon_tokens_are_the_codes_of_a_shifted_scaled_image():
+    data = _data("chameleon", augment_shift=1, augment_gain=0.3)
+    b = data.batch(32, np.random.default_rng(0))
+    img = data.images[0]
+    seen = set()
+    for row in range(32):
+        codes = (b["tokens"][row][b["modality"][row] == IMAGE] - data.vocab.image_offset).numpy()
+        assert codes.shape == (64,) and codes.min() >= 0 and codes.max() <= 16
+        seen.add(codes.tobytes())
+        # some shift and gain in [0.7, 1] reproduces these codes
+        grid = np.linspace(0.7, 1.0, 301)
+        assert any(np.array_equal(_encode(v[None])[0], codes) for v in _versions(img, 1, grid)), row
+    assert len(seen) > 8  # 32 draws of one image are not all the same
+
+
+def test_transfusion_patches_follow_the_augmented_image_and_plain_data_is_unchanged():
+    aug = _data("transfusion", augment_shift=1, augment_gain=0.0)
+    plain = _data("transfusion")
+    b = aug.batch(16, np.random.default_rng(1))
+    p = plain.batch(16, np.random.default_rng(1))
+    img = plain.images[0]
+    want = [D.patchify(torch.from_numpy(v[None, None] * 2 - 1), 2)[0] for v in _versions(img, 1, [1.0])]
+    for row in range(16):
+        got = b["patches"][row][b["modality"][row] == IMAGE]
+        assert any(torch.allclose(got, w) for w in want)
+        assert torch.allclose(p["patches"][row][p["modality"][row] == IMAGE], want[4])  # (0, 0): the image itself
+    assert torch.equal(b["tokens"], p["tokens"])  # augmentation draws after the layout: same sequences
+
+
+def test_augmentation_needs_an_encoder_in_the_chameleon_setting_and_sane_values():
+    imgs, labels = load_image_set("digits")
+    with pytest.raises(InputError, match="encode"):
+        MixedModalData("chameleon", imgs[:4], labels[:4], text_stream([TEXT_DOC]), codes=_encode(imgs[:4]),
+                       n_image_codes=17, augment_shift=1)
+    with pytest.raises(InputError, match="augment_gain"):
+        MixedModalData("transfusion", imgs[:4], labels[:4], text_stream([TEXT_DOC]), augment_gain=1.5)
