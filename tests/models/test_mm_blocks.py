@@ -214,3 +214,34 @@ def test_mod_flops_and_capacity():
     out = lm(tiny_batch(data, 4))
     k = math.ceil(0.25 * T)
     assert float(out["mod_selected_fraction"]) == pytest.approx(k / T)
+
+
+@pytest.mark.parametrize("transfusion", [False, True])
+def test_mod_causal_path_computes_only_the_selected_tokens_and_matches_the_masked_block(transfusion):
+    from dataclasses import replace
+
+    from tessera.models.blocks import MoDBlock
+
+    torch.manual_seed(0)
+    cfg = MixedModalConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, variant="mot_mod")
+    mod = build_block(cfg, 1)
+    assert isinstance(mod, MoDBlock)
+    B, T = 3, 12
+    modality = torch.tensor([[0] * 3 + [1] * 6 + [0] * 3, [0] * 12, [0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]])
+    mask = transfusion_mask(torch.where(modality == IMAGE, 0, -1)) if transfusion else None
+    x = torch.randn(B, T, 16)
+    with torch.no_grad():
+        selected = mod.aux(x).squeeze(-1) > 0
+        assert 0 < int(selected.sum()) < B * T and len(set(selected.sum(1).tolist())) > 1  # uneven selections
+        seen = []
+        hook = mod.block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+        got = mod(x, _ctx(modality, mask, routing="aux"))
+        hook.remove()
+        assert seen == [int(selected.sum(1).max())]  # only the longest selection's length went through the block
+        # reference: the block over every token with keys restricted to the selected ones (the old path)
+        base = mask if mask is not None else causal_mask(T)[None, None]
+        ref_mask = (base & selected[:, None, None, :]) | torch.eye(T, dtype=torch.bool)[None, None]
+        ys = mod.block(x, replace(_ctx(modality, mask, routing="aux"), mask=ref_mask))
+        w = torch.sigmoid(mod.router(x).squeeze(-1))
+        want = torch.where(selected[..., None], x + w[..., None] * (ys - x), x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

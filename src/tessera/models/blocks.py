@@ -255,7 +255,20 @@ class MoDBlock(nn.Module):
             raise ValueError("routing='aux' needs auxiliary routers; build the model with aux_router=True")
         selected = self.aux(x).squeeze(-1) > 0  # [B, T]
         ctx.add_stat("mod_selected_fraction", selected.float().mean())
-        base = ctx.mask if ctx.mask is not None else causal_mask(T, x.device)[None, None]
-        eye = torch.eye(T, dtype=torch.bool, device=x.device)[None, None]
-        ys = self.block(x, replace(ctx, mask=(base & selected[:, None, None, :]) | eye))
-        return torch.where(selected[..., None], x + w[..., None] * (ys - x), x)
+        counts = selected.sum(1)
+        k = int(counts.max())
+        if k == 0:
+            return x
+        # gather each sequence's selected tokens (in order) to the front, padded to the longest selection
+        # with unselected ones; only these k columns run through the block, so skipped tokens cost nothing
+        ar = torch.arange(T, device=x.device)
+        sel = torch.sort(torch.where(selected, ar, ar + T), dim=1).indices[:, :k]  # [B, k]
+        valid = torch.arange(k, device=x.device)[None] < counts[:, None]  # [B, k]
+        base = ctx.mask if ctx.mask is not None else causal_mask(T, x.device)[None, None].expand(B, 1, T, T)
+        eye = torch.eye(k, dtype=torch.bool, device=x.device)[None, None]
+        mask = (gather_mask(base, sel) & valid[:, None, None, :]) | eye
+        idx = sel[..., None].expand(B, k, d)
+        xs = x.gather(1, idx)
+        ys = self.block(xs, replace(ctx.subset(sel, self._modality_router), mask=mask))
+        upd = torch.where(valid[..., None], xs + w.gather(1, sel)[..., None] * (ys - xs), xs)
+        return x.scatter(1, idx, upd.to(x.dtype))
