@@ -1,28 +1,36 @@
-"""Benchmark: dense vs Mixture-of-Transformers vs MoMa (2t2i, 4t4i) vs MoMa+MoD, Chameleon and Transfusion settings.
+"""Benchmark: dense vs Mixture-of-Transformers vs MoMa vs mixture-of-depths, after a gate on the dense baseline.
 
-Every model has the same shapes per token (d_model 64, 4 layers, 4 heads, SwiGLU hidden 256), so
-dense, MoT and MoMa cost the same FLOPs per token (MoMa adds its routers, about 5%; MoD layers
-process 25% of the tokens).  Data: scikit-learn 8x8 digits with template captions in both orders
-(pixel-value tokens in the Chameleon setting, 2x2 patches + DDPM in the Transfusion setting) and
-WikiText-2 text-only sequences; every run uses the same batches (same seed).  All runs go through
-the ``mixed-modal-pretrain`` recipe.
+Issue 25.  Every run goes through the ``mixed-modal-pretrain`` recipe: captioned 8x8 digits in both
+orders (training images drawn anew each time: random offsets of up to one pixel and an ink gain, so
+nothing repeats within the budget; validation images are never augmented) plus WikiText-2 text-only
+sequences; pixel-value image tokens in the Chameleon setting, 2x2 patches + DDPM in the Transfusion
+setting.  All variants have the same shapes per token, so dense, MoT and MoMa cost the same FLOPs per
+token (MoMa adds routers).
 
-Figures per setting:
-- validation loss on text and image tokens separately against cumulative training FLOPs (PNG);
-- MoT's step fraction: the fraction of dense's steps MoT needs to reach dense's final validation
-  loss (image, text, total; linear interpolation between evaluations every ``--eval-every`` steps);
-- MoMa's FLOPs saving factor: dense's total FLOPs / the FLOPs the MoMa model needs to reach dense's
-  final validation loss (``null`` when it never gets there within the run);
-- wall-clock per training step against dense, measured in a separate phase that interleaves the
-  variants step by step (peers in the same loop; the machine is shared);
-- conditional generation accuracy (images from captions, judged by a digit CNN trained on the
-  training split) and captioning accuracy; expert-choice / MoD models with the batch (non-causal)
-  and the auxiliary (causal) routers.
+1. ``candidates``: training tokens/s of dense candidates on this CPU (the testbed is sized from them).
+2. Gate, per setting, on each dense seed: validation loss plateaued (less than 1% better over the last
+   fifth of the run), no overfitting (final validation loss within 2% of the run's own minimum), the
+   judge classifies at least 60% of images generated from captions correctly and at least 80% of the
+   captions name the right digit.  The gate is recorded before any comparison.
+3. MoT vs dense, both settings, 3 seeds each (a seed changes the initial weights and the batches):
+   steps and wall-clock to reach dense's final image and text validation loss (same seed), mean and
+   spread; wall-clock per step, variants interleaved step by step.  A run whose final loss sits more
+   than 2% above its own minimum is flagged and gives no steps-to-match figure.
+4. MoMa grid (Chameleon setting, as in the MoMa paper): 1t1i, 2t2i and 4t4i expert groups with and
+   without MoD, one seed; the best configuration on 3 seeds.  Training FLOPs to reach dense's final
+   loss; total and active parameters of each variant.
+5. MoD at inference: a dense+MoD model trained with dense's training FLOPs (more steps, as in the MoD
+   paper's isoFLOP comparison), evaluated with its causal auxiliary routers, whose skipped tokens
+   skip the block: inference FLOPs per token (from the measured selected fraction) and wall-clock of
+   a forward pass against dense, and the quality (validation loss) beside them.
 
-Goals (issue 7): MoT reaches dense's final image loss in at most 60% of the steps; MoMa saves at
-least 2x FLOPs; wall-clock per step at most 1.3x dense.
+Goals (``goals``): ``dense_plateau`` <= 0.01, ``dense_generation_gate`` >= 0.6,
+``mot_image_steps_ratio_chameleon`` and ``mot_image_steps_ratio_transfusion`` <= 0.6 (mean of 3 seeds),
+``moma_best_flops_saving`` >= 2, ``mod_inference_flops_saving`` >= 1.3 (at equal quality: MoD's
+validation loss within 1% of dense's), ``mot_wall_per_step_ratio`` <= 1.3.
 
-    nice -n 5 .venv/bin/python benchmarks/mixed_modal.py [--steps 300] [--threads 1]
+    python benchmarks/mixed_modal.py            # the default run (about 30 minutes on 2 cores)
+    python benchmarks/mixed_modal.py --quick    # the same code, small and short (about 3 minutes)
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,23 +50,36 @@ from _common import machine, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
-VARIANTS = {  # name -> recipe overrides
-    "dense": {"variant": "dense"},
-    "mot": {"variant": "mot"},
+MOMA = {  # name -> recipe overrides
+    "moma_1t1i": {"variant": "moma", "n_text_experts": 1, "n_image_experts": 1},
     "moma_2t2i": {"variant": "moma", "n_text_experts": 2, "n_image_experts": 2},
     "moma_4t4i": {"variant": "moma", "n_text_experts": 4, "n_image_experts": 4},
+    "moma_1t1i_mod": {"variant": "moma_mod", "n_text_experts": 1, "n_image_experts": 1},
+    "moma_2t2i_mod": {"variant": "moma_mod", "n_text_experts": 2, "n_image_experts": 2},
     "moma_4t4i_mod": {"variant": "moma_mod", "n_text_experts": 4, "n_image_experts": 4},
 }
+VARIANTS = {"dense": {"variant": "dense"}, "mot": {"variant": "mot"}, "dense_mod": {"variant": "dense_mod"}, **MOMA}
 LOSSES = {"image": "val_image_loss", "text": "val_text_loss", "total": "val_model_loss"}
+PLATEAU, OVERFIT, GEN_GATE, CAP_GATE = 0.01, 0.02, 0.6, 0.8
 
 
+# -- curves ----------------------------------------------------------------------------------------
 def eval_curve(run_dir: Path, routing: str = "batch") -> list[dict]:
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return [r for r in rows if r["kind"] == "eval" and r["routing"] == routing]
 
 
+def at(curve: list[dict], x: float, key: str, xkey: str = "step") -> float:
+    """``curve[key]`` at ``x`` (linear interpolation between evaluations)."""
+    for a, b in zip(curve, curve[1:]):
+        if a[xkey] <= x <= b[xkey]:
+            f = (x - a[xkey]) / max(b[xkey] - a[xkey], 1e-12)
+            return a[key] + f * (b[key] - a[key])
+    return curve[-1][key]
+
+
 def first_reach(curve: list[dict], key: str, target: float, x: str) -> float | None:
-    """The ``x`` (step or flops) where ``curve[key]`` first drops to ``target`` (linear interpolation)."""
+    """The ``x`` (step, flops or seconds) where ``curve[key]`` first drops to ``target`` (linear interpolation)."""
     for a, b in zip(curve, curve[1:]):
         if b[key] <= target:
             if a[key] <= target:
@@ -67,16 +89,108 @@ def first_reach(curve: list[dict], key: str, target: float, x: str) -> float | N
     return None
 
 
-def timing_phase(setting: str, names: list[str], base_cfg: dict, steps: int, rounds: int) -> dict:
-    """Median seconds per training step, variants interleaved step by step (same batches)."""
+def plateau(curve: list[dict], key: str = "val_model_loss") -> float:
+    """Relative improvement of ``key`` over the last fifth of the run: ``(L(0.8 T) - L(T)) / L(0.8 T)``."""
+    end = curve[-1]["step"]
+    start = at(curve, 0.8 * end, key)
+    return (start - curve[-1][key]) / abs(start)
+
+
+def overfit(curve: list[dict]) -> dict:
+    """Final validation loss over the run's own minimum, per loss; ``flag`` when any is more than 2% above."""
+    out = {}
+    for m, k in LOSSES.items():
+        lo = min(r[k] for r in curve[1:]) if len(curve) > 1 else curve[-1][k]
+        out[m] = round(curve[-1][k] / lo - 1.0, 4) if lo > 0 else 0.0
+    out["flag"] = any(v > OVERFIT for m, v in out.items() if m in LOSSES)
+    return out
+
+
+def spread(xs: list[float | None]) -> dict:
+    v = [x for x in xs if x is not None]
+    return {"mean": round(statistics.fmean(v), 4) if v and len(v) == len(xs) else None,
+            "std": round(statistics.stdev(v), 4) if len(v) > 1 and len(v) == len(xs) else (0.0 if len(v) == 1 == len(xs) else None),
+            "values": [None if x is None else round(x, 4) for x in xs]}
+
+
+# -- parameters --------------------------------------------------------------------------------------
+def param_counts(model_config: dict) -> dict:
+    """Total parameters and the parameters one text token uses (an expert-choice token goes through one expert
+    of its modality's group on average; MoT / MoMa: only its modality's modules)."""
+    from tessera.models.blocks import _Experts
+    from tessera.models.decoder import MixedModalTransformer
+    from tessera.models.modality import PerModality
+
+    from tessera.models.decoder import MixedModalConfig
+
+    m = MixedModalTransformer(MixedModalConfig(**model_config))
+    total = m.num_params()
+    inactive = 0
+    for mod in m.modules():
+        if isinstance(mod, PerModality) and len(mod.mods) > 1:  # untied by modality: the other modality's copy
+            inactive += sum(p.numel() for p in mod.mods[1].parameters())
+    for mod in m.modules():
+        if isinstance(mod, _Experts):
+            n = mod.w1.shape[0]
+            inactive += sum(p.numel() for p in mod.parameters()) * (n - 1) // n
+    return {"total": total, "active": total - inactive}
+
+
+# -- running the recipe ------------------------------------------------------------------------------
+def run_one(setting: str, name: str, seed: int, base: dict, runs_dir: Path, reuse: bool, **extra) -> dict:
+    from tessera.recipes.mixed_modal_pretrain import Config, main as run_recipe
+
+    tag = f"{setting}_{name}_s{seed}"
+    run_dir = runs_dir / tag
+    cfg = Config(setting=setting, seed=seed, dump_dir=str(run_dir), resume=False, **{**base, **VARIANTS[name], **extra})
+    if not (reuse and (run_dir / "results.json").is_file()):
+        t0 = time.perf_counter()
+        run_recipe(cfg)
+        print(f"{tag}: {time.perf_counter() - t0:.0f}s", flush=True)
+    res = json.loads((run_dir / "results.json").read_text())
+    curve = eval_curve(run_dir)
+    gen, cap = res.get("generation") or {}, res.get("captioning") or {}
+    causal = res.get("generation_routing_causal", "batch")
+    return {
+        "setting": setting, "variant": name, "seed": seed, "steps": res["steps"], "params": res["params"],
+        "model_config": res["model_config"], "seq_len": res["data"]["seq_len"],
+        "train_flops": res["train_flops"], "median_step_s_in_run": res["median_step_s"],
+        "seconds_per_step": res["median_step_s"], "val": res["val"],
+        "generation_accuracy": gen, "captioning_accuracy": cap, "generation_causal": gen.get(causal),
+        "captioning_causal": cap.get(causal), "classifier_val_accuracy": res["classifier_val_accuracy"],
+        "plateau": round(plateau(curve), 4), "overfit": overfit(curve), "curve": curve,
+        "curve_aux": eval_curve(run_dir, "aux") or None, "dir": str(run_dir),
+    }
+
+
+def vs_dense(run: dict, dense: dict) -> dict:
+    """Steps, FLOPs and seconds ``run`` needs to reach ``dense``'s final validation losses (same seed)."""
+    d, c = dense["curve"], run["curve"]
+    out: dict = {"dense_seed": dense["seed"], "overfit": run["overfit"]["flag"] or dense["overfit"]["flag"]}
+    sec = run["seconds_per_step"] or 0.0
+    for m, k in LOSSES.items():
+        target = d[-1][k]
+        st = None if out["overfit"] else first_reach(c, k, target, "step")
+        fl = None if out["overfit"] else first_reach(c, k, target, "flops")
+        out[f"steps_ratio_{m}"] = round(st / d[-1]["step"], 4) if st is not None else None
+        out[f"flops_saving_{m}"] = round(d[-1]["flops"] / fl, 4) if fl else None
+        out[f"wall_ratio_{m}"] = (round(st * sec / (d[-1]["step"] * dense["seconds_per_step"]), 4)
+                                  if st is not None and dense["seconds_per_step"] else None)
+        out[f"final_{m}_minus_dense"] = round(c[-1][k] - target, 4)
+    return out
+
+
+# -- timing -------------------------------------------------------------------------------------------
+def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds: int) -> dict:
+    """Median seconds per training step, variants interleaved step by step on the same batches."""
     from tessera.models.objectives import MixedModalLM
     from tessera.recipes.mixed_modal_pretrain import Config, build_data, model_config
 
-    cfg = Config(setting=setting, **base_cfg)
+    cfg = Config(setting=setting, **base)
     data, _, train_idx, _, _, _ = build_data(cfg)
     models, opts = {}, {}
     for n in names:
-        c = Config(setting=setting, **{**base_cfg, **VARIANTS[n]})
+        c = Config(setting=setting, **{**base, **VARIANTS[n]})
         torch.manual_seed(0)
         models[n] = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting)
         opts[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-3)
@@ -98,6 +212,92 @@ def timing_phase(setting: str, names: list[str], base_cfg: dict, steps: int, rou
     return {"median_step_s": med, "ratio_to_dense": {n: round(med[n] / med["dense"], 3) for n in names}}
 
 
+def candidates(specs: list[str], base: dict, steps: int = 8) -> list[dict]:
+    """Training tokens/s of dense ``D_MODELxLAYERS`` candidates in both settings."""
+    from tessera.models.objectives import MixedModalLM
+    from tessera.recipes.mixed_modal_pretrain import Config, build_data, model_config
+
+    rows = []
+    for setting in ("chameleon", "transfusion"):
+        data, _, train_idx, _, _, _ = build_data(Config(setting=setting, **base))
+        for spec in specs:
+            d, L = (int(v) for v in spec.split("x"))
+            c = Config(setting=setting, **{**base, "d_model": d, "n_layers": L, "n_heads": max(4, d // 32)})
+            torch.manual_seed(0)
+            lm = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting)
+            opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+            rng = np.random.default_rng(0)
+            ts = []
+            for s in range(steps):
+                batch = data.batch(c.batch_size, rng, train_idx)
+                t0 = time.perf_counter()
+                out = lm(batch)
+                opt.zero_grad()
+                out["loss"].backward()
+                opt.step()
+                if s >= 2:
+                    ts.append(time.perf_counter() - t0)
+            sec = float(np.median(ts))
+            rows.append({"setting": setting, "model": spec, "params": lm.model.num_params(), "s_per_step": round(sec, 4),
+                         "tokens_per_s": round(c.batch_size * data.seq_len / sec), "seq_len": data.seq_len})
+            print(f"candidate {setting} {spec}: {sec * 1000:.0f} ms/step", flush=True)
+    return rows
+
+
+def mod_inference(setting: str, dense: dict, mod: dict, base: dict, n_batches: int = 8, repeats: int = 5) -> dict:
+    """Inference of the MoD model with its causal routers (skipped tokens skip the block) against dense."""
+    from tessera.models.decoder import MixedModalConfig
+    from tessera.models.flops import forward_flops_per_token
+    from tessera.models.modality import IMAGE, TEXT
+    from tessera.models.objectives import MixedModalLM
+    from tessera.models.scoring import validation_batches
+    from tessera.recipes.mixed_modal_pretrain import Config, build_data
+    from tessera.train import load_checkpoint
+
+    data, val, _, val_idx, _, _ = build_data(Config(setting=setting, **base))
+    batches = validation_batches(val, val_idx, base["batch_size"], n_batches)
+    models = {}
+    for key, run in (("dense", dense), ("mod", mod)):
+        meta = json.loads((Path(run["dir"]) / "results.json").read_text())
+        lm = MixedModalLM(MixedModalConfig(**meta["model_config"]), setting)
+        load_checkpoint(Path(run["dir"]) / "checkpoint.pt", lm, None)
+        models[key] = lm.eval()
+    fractions, times = [], {"dense": [], "mod": []}
+    with torch.no_grad():
+        for r in range(repeats):
+            for b in batches:
+                for key in (("dense", "mod") if r % 2 == 0 else ("mod", "dense")):
+                    t0 = time.perf_counter()
+                    out = models[key](b, routing="aux" if key == "mod" else "batch")
+                    if r > 0:
+                        times[key].append(time.perf_counter() - t0)
+                    if key == "mod" and r == 0:
+                        fractions.append(float(out["mod_selected_fraction"]))
+    frac = float(np.mean(fractions))
+    mcfg, dcfg = models["mod"].cfg, models["dense"].cfg
+    T = data.seq_len
+    n_img = sum(int((b["modality"] == IMAGE).sum()) for b in batches)
+    n_all = sum(b["modality"].numel() for b in batches)
+
+    def per_token(cfg):
+        return ((n_all - n_img) * forward_flops_per_token(cfg, T, TEXT, setting)
+                + n_img * forward_flops_per_token(cfg, T, IMAGE, setting)) / n_all
+
+    f_dense, f_mod = per_token(dcfg), per_token(replace(mcfg, mod_capacity=frac))
+    d_loss = dense["val"]["batch"]["val_model_loss"]
+    m_loss = mod["val"]["aux"]["val_model_loss"]
+    return {"selected_fraction_aux": round(frac, 4), "trained_capacity": mcfg.mod_capacity,
+            "forward_flops_per_token": {"dense": f_dense, "mod": f_mod}, "flops_saving": round(f_dense / f_mod, 4),
+            "forward_s_per_batch": {k: float(np.median(v)) for k, v in times.items()},
+            "wall_saving": round(float(np.median(times["dense"])) / float(np.median(times["mod"])), 4),
+            "val_model_loss": {"dense": d_loss, "mod_causal": m_loss, "mod_batch": mod["val"]["batch"]["val_model_loss"]},
+            "relative_loss_gap": round(m_loss / d_loss - 1.0, 4),
+            "equal_quality": bool(m_loss <= d_loss * 1.01),
+            "mod_steps": mod["steps"], "dense_steps": dense["steps"],
+            "train_flops": {"dense": dense["train_flops"], "mod": mod["train_flops"]}}
+
+
+# -- plots ----------------------------------------------------------------------------------------------
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -107,145 +307,210 @@ def plot(results: dict, path: Path) -> None:
     from tessera.config import atomic_savefig
 
     settings = list(results["settings"])
-    fig, axes = plt.subplots(len(settings), 2, figsize=(11, 4 * len(settings)), squeeze=False)
+    fig, axes = plt.subplots(len(settings), 3, figsize=(16, 4.2 * len(settings)), squeeze=False)
     for i, s in enumerate(settings):
-        for j, (mod, key) in enumerate((("text", "val_text_loss"), ("image", "val_image_loss"))):
+        runs = results["settings"][s]["runs"]
+        for j, (mod, key, x) in enumerate((("image", "val_image_loss", "step"), ("text", "val_text_loss", "step"),
+                                           ("image", "val_image_loss", "flops"))):
             ax = axes[i][j]
-            for name, run in results["settings"][s]["runs"].items():
+            for name, run in runs.items():
                 c = run["curve"]
-                ax.plot([r["flops"] / 1e12 for r in c[1:]], [r[key] for r in c[1:]], label=name, marker=".", ms=3)
-            ax.set_title(f"{s}: validation {mod} loss" + (" (DDPM MSE)" if s == "transfusion" and mod == "image" else ""))
-            ax.set_xlabel("cumulative training FLOPs (TFLOP)")
-            ax.set_ylabel("loss")
+                xs = [r[x] / (1e12 if x == "flops" else 1) for r in c[1:]]
+                ax.plot(xs, [r[key] for r in c[1:]], label=name, lw=1.6 if run["variant"] == "dense" else 1.0,
+                        color="black" if run["variant"] == "dense" else None, alpha=0.9)
+            gate = results["settings"][s].get("gate", {})
+            if gate and x == "step":
+                d = runs.get("dense_s0")
+                if d:
+                    ax.axvline(0.8 * d["steps"], color="grey", ls=":", lw=1)
+                    ax.axhline(d["curve"][-1][key], color="grey", ls="--", lw=1)
+                    ax.text(0.8 * d["steps"], ax.get_ylim()[1], " plateau window" + (" (gate passed)" if gate.get("passed") else
+                                                                                     " (gate FAILED)"), fontsize=7, va="top")
+            ax.set_title(f"{s}: validation {mod} loss" + (" (DDPM MSE)" if s == "transfusion" and mod == "image" else "")
+                         + (" vs FLOPs" if x == "flops" else ""))
+            ax.set_xlabel("training FLOPs (TFLOP)" if x == "flops" else "step")
+            ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if j == 0:
+                ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=90)
 
 
+def sample_grid(results: dict, path: Path) -> None:
+    """Each seed-0 run's generated digits (the recipe's samples.png), one panel per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tessera.config import atomic_savefig
+
+    panels = [(s, n, r) for s, S in results["settings"].items() for n, r in S["runs"].items()
+              if r["seed"] == 0 and (Path(r["dir"]) / "samples.png").is_file()]
+    if not panels:
+        return
+    cols = 4
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (s, n, r) in zip(axes.flat, panels):
+        ax.imshow(plt.imread(Path(r["dir"]) / "samples.png"))
+        ax.set_title(f"{s} / {n}: judge {r['generation_causal']}", fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+
+
+def goals(results: dict, moma_setting: str) -> dict:
+    """The issue's goals from the recorded figures (``measured`` null where a run never got there)."""
+    sets = results["settings"]
+
+    def goal(target, measured, better="low", **extra):
+        met = measured is not None and (measured <= target if better == "low" else measured >= target)
+        return {"target": target, "measured": measured, "met": bool(met), **extra}
+
+    gates = {s: S["gate"] for s, S in sets.items() if "gate" in S}
+    out = {
+        "dense_plateau": goal(PLATEAU, max((v for g in gates.values() for v in g["plateau"]["values"]), default=None),
+                              note="the largest relative validation-loss improvement over the last fifth among dense runs"),
+        "dense_generation_gate": goal(GEN_GATE, min((v for g in gates.values() for v in g["generation"]["values"]),
+                                                    default=None), "high",
+                                      note="the lowest judge accuracy on dense's generated images among settings and seeds"),
+    }
+    for s in ("chameleon", "transfusion"):
+        m = sets.get(s, {}).get("mot_vs_dense")
+        out[f"mot_image_steps_ratio_{s}"] = goal(0.6, m["steps_ratio_image"]["mean"] if m else None,
+                                                 per_seed=m["steps_ratio_image"]["values"] if m else None,
+                                                 gate_passed=sets.get(s, {}).get("gate", {}).get("passed"),
+                                                 note="null: some seed never reached dense's final image loss, or overfit")
+    mb = sets.get(moma_setting, {}).get("moma_best")
+    out["moma_best_flops_saving"] = goal(2.0, mb["flops_saving_total"]["mean"] if mb else None, "high",
+                                         variant=mb["variant"] if mb else None,
+                                         per_seed=mb["flops_saving_total"]["values"] if mb else None)
+    mi = sets.get(moma_setting, {}).get("mod_inference")
+    out["mod_inference_flops_saving"] = goal(1.3, mi["flops_saving"] if mi else None, "high",
+                                             equal_quality=mi["equal_quality"] if mi else None,
+                                             relative_loss_gap=mi["relative_loss_gap"] if mi else None)
+    if mi and not mi["equal_quality"]:
+        out["mod_inference_flops_saving"]["met"] = False
+        out["mod_inference_flops_saving"]["note"] = "not at equal quality: MoD's causal validation loss is more than 1% above dense's"
+    walls = {s: S["timing"]["ratio_to_dense"]["mot"] for s, S in sets.items() if "timing" in S}
+    out["mot_wall_per_step_ratio"] = goal(1.3, max(walls.values()) if walls else None, per_setting=walls,
+                                          note="the larger of the two settings")
+    return out
+
+
+# -- main ---------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--quick", action="store_true", help="small and short: the same code path in about 3 minutes")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--settings", default="chameleon,transfusion")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds for every run")
-    ap.add_argument("--extra-seeds", default="", help="more seeds for a few runs where the gap is small, "
-                    "SETTING:VARIANT+VARIANT:SEED,... e.g. chameleon:dense+mot:1")
+    ap.add_argument("--moma-setting", default="chameleon")
+    ap.add_argument("--candidates", default="64x4,96x4,128x4", help="dense candidates D_MODELxLAYERS ('' to skip)")
     ap.add_argument("--timing-steps", type=int, default=8)
     ap.add_argument("--timing-rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-mixed-modal"))
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs (results.json) in --runs-dir")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mixed_modal.json"))
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.eval_every, args.seeds, args.candidates = 120, 30, "0,1", "64x2"
+        args.timing_steps, args.timing_rounds = 4, 1
+        if args.out == ap.get_default("out"):
+            args.out = str(Path(args.runs_dir) / "mixed_modal_quick.json")
+        args.runs_dir = str(Path(args.runs_dir) / "quick")
     torch.set_num_threads(args.threads)
     os.environ["TESSERA_QUIET"] = "1"
     import diffusers
 
     from tessera import __version__
-    from tessera.recipes.mixed_modal_pretrain import Config, main as run_recipe
+    from tessera.models.flops import forward_flops_per_token
+    from tessera.recipes.mixed_modal_pretrain import Config, model_config
 
-    out_path = Path(args.out)
-    names = [n for n in args.variants.split(",") if n]
+    out_path, runs_dir = Path(args.out), Path(args.runs_dir)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    base_cfg = dict(dataset="digits", d_model=64, n_layers=4, n_heads=4, steps=args.steps, batch_size=args.batch_size,
-                    eval_every=args.eval_every, eval_batches=4, ckpt_every=10**9, log_every=25, sample_per_class=4,
-                    n_caption_eval=60, sample_steps=50, classifier_steps=600, lr=3e-3, warmup_steps=20)
+    base = dict(dataset="digits", d_model=args.d_model, n_layers=args.layers, n_heads=4, steps=args.steps,
+                batch_size=args.batch_size, eval_every=args.eval_every, eval_batches=6, ckpt_every=10**9, log_every=50,
+                sample_per_class=4, n_caption_eval=100, sample_steps=50, classifier_steps=800, lr=args.lr,
+                warmup_steps=max(20, args.steps // 50), augment_shift=1, augment_gain=0.3, threads=args.threads)
     results: dict = {
-        "machine": machine(),
+        "benchmark": "mixed_modal", "machine": machine(),
         "versions": {"tessera": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
-        "config": {"base": base_cfg, "variants": {n: VARIANTS[n] for n in names}, "seeds": seeds,
-                   "args": vars(args), "command": " ".join(sys.argv)},
+        "config": {"base": base, "variants": VARIANTS, "seeds": seeds, "args": vars(args), "command": " ".join(sys.argv)},
+        "gate_rule": {"plateau_max": PLATEAU, "overfit_max": OVERFIT, "generation_min": GEN_GATE, "captioning_min": CAP_GATE},
         "settings": {},
     }
     t_start = time.perf_counter()
-    extra: dict[str, list[tuple[str, int]]] = {}
-    for item in [x for x in args.extra_seeds.split(",") if x]:
-        st, vs, sd = item.split(":")
-        extra.setdefault(st, []).extend((v, int(sd)) for v in vs.split("+"))
+    if args.candidates:
+        results["candidates"] = candidates(args.candidates.split(","), {**base, "steps": 10})
+        write_json(results, out_path)
+
     for setting in [s for s in args.settings.split(",") if s]:
         S = results["settings"].setdefault(setting, {"runs": {}})
-        plan = [(n, seed) for seed in seeds for n in names] + extra.get(setting, [])
-        for n, seed in plan:
-            run_dir = Path(args.runs_dir) / f"{setting}_{n}_s{seed}"
-            if not (args.reuse and (run_dir / "results.json").is_file()):
-                t0 = time.perf_counter()
-                run_recipe(Config(setting=setting, seed=seed, dump_dir=str(run_dir), resume=False,
-                                  **{**base_cfg, **VARIANTS[n]}))
-                print(f"{setting}/{n}/seed{seed}: {time.perf_counter() - t0:.0f}s", flush=True)
-            res = json.loads((run_dir / "results.json").read_text())
-            key = n if seed == seeds[0] else f"{n}_s{seed}"
-            S["runs"][key] = {
-                "seed": seed, "params": res["params"], "train_flops": res["train_flops"],
-                "train_flops_per_token": res["train_flops_per_token"], "median_step_s_in_run": res["median_step_s"],
-                "val": res["val"], "generation_accuracy": res.get("generation"),
-                "captioning_accuracy": res.get("captioning"), "classifier_val_accuracy": res["classifier_val_accuracy"],
-                "curve": eval_curve(run_dir), "curve_aux": eval_curve(run_dir, "aux") or None,
-            }
+        # 1. the gate: dense, every seed
+        for seed in seeds:
+            S["runs"][f"dense_s{seed}"] = run_one(setting, "dense", seed, base, runs_dir, args.reuse)
             write_json(results, out_path)
-        # figures against dense of the same seed
-        runs = S["runs"]
-        if "dense" in runs:
-            figs: dict = {}
-            for n, run in runs.items():
-                dkey = "dense" if run["seed"] == seeds[0] else f"dense_s{run['seed']}"
-                if n.startswith("dense") or dkey not in runs:
-                    continue
-                dense = runs[dkey]["curve"]
-                final = {m: dense[-1][k] for m, k in LOSSES.items()}
-                if dkey == "dense":
-                    S["dense_final"] = final
-                c = run["curve"]
-                f = {}
-                for m, k in LOSSES.items():
-                    st = first_reach(c, k, final[m], "step")
-                    fl = first_reach(c, k, final[m], "flops")
-                    f[f"step_fraction_{m}"] = round(st / dense[-1]["step"], 3) if st is not None else None
-                    f[f"flops_saving_{m}"] = round(dense[-1]["flops"] / fl, 3) if fl else None
-                    f[f"final_{m}_vs_dense"] = round(c[-1][k] - final[m], 4)
-                figs[n] = f
-            for n in [k for k in figs if not re.search(r"_s\d+$", k)]:  # mean over seeds where there are several
-                others = [figs[k] for k in figs if re.fullmatch(re.escape(n) + r"_s\d+", k)]
-                if others:
-                    allf = [figs[n], *others]
-                    figs[n]["mean_over_seeds"] = {
-                        k: (round(float(np.mean([f[k] for f in allf])), 3) if all(f[k] is not None for f in allf) else None)
-                        for k in figs[n] if k.startswith(("step_fraction", "flops_saving"))}
-                    figs[n]["n_seeds"] = len(allf)
-            S["vs_dense"] = figs
-        S["timing"] = timing_phase(setting, names, {k: v for k, v in base_cfg.items()}, args.timing_steps, args.timing_rounds)
+        dense = {s: S["runs"][f"dense_s{s}"] for s in seeds}
+        gen = [d["generation_causal"] for d in dense.values()]
+        cap = [d["captioning_causal"] for d in dense.values()]
+        plats = [d["plateau"] for d in dense.values()]
+        S["gate"] = {"plateau": spread(plats), "generation": spread(gen), "captioning": spread(cap),
+                     "overfit": {f"seed{s}": d["overfit"] for s, d in dense.items()},
+                     "passed": bool(max(plats) <= PLATEAU and min(gen) >= GEN_GATE and min(cap) >= CAP_GATE
+                                    and not any(d["overfit"]["flag"] for d in dense.values()))}
+        print(f"{setting} gate: {json.dumps({k: v for k, v in S['gate'].items() if k != 'overfit'})}", flush=True)
         write_json(results, out_path)
-        plot(results, out_path.with_suffix(".png"))
-
-    # goals
-    goals = {}
-    for setting, S in results["settings"].items():
-        vs = S.get("vs_dense", {})
-        if "mot" in vs:
-            per_seed = {f"seed{S['runs'][k]['seed']}": vs[k]["step_fraction_image"]
-                        for k in vs if k == "mot" or re.fullmatch(r"mot_s\d+", k)}
-            v = vs["mot"].get("mean_over_seeds", vs["mot"])["step_fraction_image"]
-            goals[f"{setting}: MoT reaches dense's final image loss in <= 60% of the steps"] = {
-                "measured": v, "per_seed": per_seed, "met": all(x is not None and x <= 0.6 for x in per_seed.values()),
-                "note": "null = MoT never reached dense's final image loss within the run (same seed for both)"}
-        best = None
-        for n in ("moma_4t4i", "moma_2t2i", "moma_4t4i_mod"):
-            if n in vs:
-                v = vs[n]["flops_saving_total"]
-                goals[f"{setting}: {n} saves >= 2x FLOPs over dense (total loss)"] = {"measured": v,
-                                                                                       "met": v is not None and v >= 2.0}
-                best = max(best or 0, v or 0)
-        for n, r in S.get("timing", {}).get("ratio_to_dense", {}).items():
-            if n != "dense":
-                goals[f"{setting}: {n} wall-clock per step <= 1.3x dense"] = {"measured": r, "met": r <= 1.3}
-    results["goals"] = goals
-    results["machine"]["load_average_at_end"] = os.getloadavg()
+        # 2. MoT, every seed
+        for seed in seeds:
+            S["runs"][f"mot_s{seed}"] = run_one(setting, "mot", seed, base, runs_dir, args.reuse)
+            write_json(results, out_path)
+        mot = [vs_dense(S["runs"][f"mot_s{s}"], dense[s]) for s in seeds]
+        S["mot_vs_dense"] = {"per_seed": mot, **{k: spread([m[k] for m in mot]) for k in mot[0]
+                                                 if k.startswith(("steps_ratio", "wall_ratio", "final_"))}}
+        # 3. MoMa grid, its best configuration on every seed, and MoD at inference (one setting)
+        if setting == args.moma_setting:
+            grid = {}
+            for name in MOMA:
+                S["runs"][f"{name}_s{seeds[0]}"] = run = run_one(setting, name, seeds[0], base, runs_dir, args.reuse)
+                grid[name] = {**vs_dense(run, dense[seeds[0]]), "params": param_counts(run["model_config"]),
+                              "generation": run["generation_causal"], "captioning": run["captioning_causal"]}
+                write_json(results, out_path)
+            S["moma_grid"] = grid
+            best = max(grid, key=lambda n: (grid[n]["flops_saving_total"] or 0.0, -grid[n]["final_total_minus_dense"]))
+            for seed in seeds[1:]:
+                S["runs"][f"{best}_s{seed}"] = run_one(setting, best, seed, base, runs_dir, args.reuse)
+                write_json(results, out_path)
+            per = [vs_dense(S["runs"][f"{best}_s{s}"], dense[s]) for s in seeds]
+            S["moma_best"] = {"variant": best, "per_seed": per,
+                              **{k: spread([m[k] for m in per]) for k in per[0] if k.startswith(("flops_saving", "final_"))}}
+            # MoD with dense's training FLOPs (more steps), evaluated with its causal routers
+            dcfg = model_config(Config(setting=setting, **base), 1, 0)
+            mcfg = replace(dcfg, variant="dense_mod")
+            T = S["runs"][f"dense_s{seeds[0]}"]["seq_len"]
+            ratio = forward_flops_per_token(dcfg, T) / forward_flops_per_token(mcfg, T)
+            mod_steps = int(round(args.steps * ratio))
+            S["runs"][f"dense_mod_s{seeds[0]}"] = mod = run_one(setting, "dense_mod", seeds[0], {**base, "steps": mod_steps},
+                                                               runs_dir, args.reuse)
+            S["mod_inference"] = {"steps_scale_for_equal_training_flops": round(ratio, 4),
+                                  **mod_inference(setting, dense[seeds[0]], mod, base)}
+            write_json(results, out_path)
+    results["goals"] = goals(results, args.moma_setting)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     write_json(results, out_path)
     plot(results, out_path.with_suffix(".png"))
-    print(json.dumps(goals, indent=1))
+    sample_grid(results, out_path.with_name(out_path.stem + "_samples.png"))
+    print(json.dumps(results["goals"], indent=1))
 
 
 if __name__ == "__main__":
