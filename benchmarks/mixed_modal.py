@@ -180,8 +180,25 @@ def vs_dense(run: dict, dense: dict) -> dict:
     return out
 
 
+def pick_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device in ("", "cuda") else device
+
+
+def train_step(lm, opt, batch: dict, device: str) -> None:
+    """One optimiser step as the recipe's loop takes it (bf16 autocast on CUDA), synchronised for timing."""
+    from tessera.data.mixed_modal import batch_to
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        out = lm(batch_to(batch, device))
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 # -- timing -------------------------------------------------------------------------------------------
-def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds: int) -> dict:
+def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds: int, device: str = "cpu") -> dict:
     """Median seconds per training step, variants interleaved step by step on the same batches."""
     from tessera.models.objectives import MixedModalLM
     from tessera.recipes.mixed_modal_pretrain import Config, build_data, model_config
@@ -192,7 +209,7 @@ def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds:
     for n in names:
         c = Config(setting=setting, **{**base, **VARIANTS[n]})
         torch.manual_seed(0)
-        models[n] = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting)
+        models[n] = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting).to(device)
         opts[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-3)
     times: dict[str, list[float]] = {n: [] for n in names}
     rng = np.random.default_rng(0)
@@ -202,17 +219,14 @@ def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds:
             order = names[(r + s) % len(names):] + names[:(r + s) % len(names)]
             for n in order:
                 t0 = time.perf_counter()
-                out = models[n](batch)
-                opts[n].zero_grad()
-                out["loss"].backward()
-                opts[n].step()
+                train_step(models[n], opts[n], batch, device)
                 if r > 0 or s >= 2:  # warm-up
                     times[n].append(time.perf_counter() - t0)
     med = {n: float(np.median(v)) for n, v in times.items()}
     return {"median_step_s": med, "ratio_to_dense": {n: round(med[n] / med["dense"], 3) for n in names}}
 
 
-def candidates(specs: list[str], base: dict, steps: int = 8) -> list[dict]:
+def candidates(specs: list[str], base: dict, steps: int = 8, device: str = "cpu") -> list[dict]:
     """Training tokens/s of dense ``D_MODELxLAYERS`` candidates in both settings."""
     from tessera.models.objectives import MixedModalLM
     from tessera.recipes.mixed_modal_pretrain import Config, build_data, model_config
@@ -224,17 +238,14 @@ def candidates(specs: list[str], base: dict, steps: int = 8) -> list[dict]:
             d, L = (int(v) for v in spec.split("x"))
             c = Config(setting=setting, **{**base, "d_model": d, "n_layers": L, "n_heads": max(4, d // 32)})
             torch.manual_seed(0)
-            lm = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting)
+            lm = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting).to(device)
             opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
             rng = np.random.default_rng(0)
             ts = []
             for s in range(steps):
                 batch = data.batch(c.batch_size, rng, train_idx)
                 t0 = time.perf_counter()
-                out = lm(batch)
-                opt.zero_grad()
-                out["loss"].backward()
-                opt.step()
+                train_step(lm, opt, batch, device)
                 if s >= 2:
                     ts.append(time.perf_counter() - t0)
             sec = float(np.median(ts))
@@ -244,7 +255,8 @@ def candidates(specs: list[str], base: dict, steps: int = 8) -> list[dict]:
     return rows
 
 
-def mod_inference(setting: str, dense: dict, mod: dict, base: dict, n_batches: int = 8, repeats: int = 5) -> dict:
+def mod_inference(setting: str, dense: dict, mod: dict, base: dict, n_batches: int = 8, repeats: int = 5,
+                  device: str = "cpu") -> dict:
     """Inference of the MoD model with its causal routers (skipped tokens skip the block) against dense."""
     from tessera.models.decoder import MixedModalConfig
     from tessera.models.flops import forward_flops_per_token
@@ -261,14 +273,18 @@ def mod_inference(setting: str, dense: dict, mod: dict, base: dict, n_batches: i
         meta = json.loads((Path(run["dir"]) / "results.json").read_text())
         lm = MixedModalLM(MixedModalConfig(**meta["model_config"]), setting)
         load_checkpoint(Path(run["dir"]) / "checkpoint.pt", lm, None)
-        models[key] = lm.eval()
+        models[key] = lm.to(device).eval()
     fractions, times = [], {"dense": [], "mod": []}
-    with torch.no_grad():
+    cuda = device.startswith("cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         for r in range(repeats):
             for b in batches:
+                b = {k: v.to(device) for k, v in b.items()}
                 for key in (("dense", "mod") if r % 2 == 0 else ("mod", "dense")):
                     t0 = time.perf_counter()
                     out = models[key](b, routing="aux" if key == "mod" else "batch")
+                    if cuda:
+                        torch.cuda.synchronize()
                     if r > 0:
                         times[key].append(time.perf_counter() - t0)
                     if key == "mod" and r == 0:
@@ -276,7 +292,7 @@ def mod_inference(setting: str, dense: dict, mod: dict, base: dict, n_batches: i
     frac = float(np.mean(fractions))
     mcfg, dcfg = models["mod"].cfg, models["dense"].cfg
     T = data.seq_len
-    n_img = sum(int((b["modality"] == IMAGE).sum()) for b in batches)
+    n_img = sum(int((b["modality"] == IMAGE).sum()) for b in batches)  # (CPU copies)
     n_all = sum(b["modality"].numel() for b in batches)
 
     def per_token(cfg):
@@ -404,7 +420,15 @@ def goals(results: dict, moma_setting: str) -> dict:
 # -- main ---------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small and short: the same code path in about 3 minutes")
+    ap.add_argument("--quick", action="store_true", help="small and short: the same code path in about 8 minutes")
+    ap.add_argument("--smoke", action="store_true", help="tiny and very short (one seed, about a minute): checks the path, "
+                    "measures nothing (benchmarks/gpu/mixed_modal.sh --smoke; tested)")
+    ap.add_argument("--device", default="", help="'' = CUDA when present (bf16 autocast), else CPU")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--sample-per-class", type=int, default=4)
+    ap.add_argument("--caption-eval", type=int, default=100)
+    ap.add_argument("--sample-steps", type=int, default=50, help="DDPM sampling steps for generation accuracy")
+    ap.add_argument("--classifier-steps", type=int, default=800)
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
@@ -422,6 +446,13 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs (results.json) in --runs-dir")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mixed_modal.json"))
     args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.eval_every, args.seeds, args.candidates, args.d_model, args.layers = 12, 6, "0", "", 32, 2
+        args.batch_size, args.sample_per_class, args.caption_eval, args.sample_steps, args.classifier_steps = 8, 1, 10, 4, 30
+        args.timing_steps, args.timing_rounds = 3, 1
+        if args.out == ap.get_default("out"):
+            args.out = str(Path(args.runs_dir) / "mixed_modal_smoke.json")
+        args.runs_dir = str(Path(args.runs_dir) / "smoke")
     if args.quick:
         args.steps, args.eval_every, args.seeds, args.candidates = 120, 30, "0,1", "64x2"
         args.timing_steps, args.timing_rounds = 4, 1
@@ -437,13 +468,16 @@ def main() -> None:
     from tessera.recipes.mixed_modal_pretrain import Config, model_config
 
     out_path, runs_dir = Path(args.out), Path(args.runs_dir)
+    dev = pick_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    base = dict(dataset="digits", d_model=args.d_model, n_layers=args.layers, n_heads=4, steps=args.steps,
+    base = dict(dataset="digits", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, steps=args.steps,
                 batch_size=args.batch_size, eval_every=args.eval_every, eval_batches=6, ckpt_every=10**9, log_every=50,
-                sample_per_class=4, n_caption_eval=100, sample_steps=50, classifier_steps=800, lr=args.lr,
-                warmup_steps=max(20, args.steps // 50), augment_shift=1, augment_gain=0.3, threads=args.threads)
+                sample_per_class=args.sample_per_class, n_caption_eval=args.caption_eval, sample_steps=args.sample_steps,
+                classifier_steps=args.classifier_steps, lr=args.lr, warmup_steps=min(max(20, args.steps // 50), args.steps // 4),
+                augment_shift=1, augment_gain=0.3, threads=args.threads, device=args.device, distributed="none")
     results: dict = {
-        "benchmark": "mixed_modal", "machine": machine(),
+        "benchmark": "mixed_modal", "machine": {**machine(), "device": dev,
+                                                "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},
         "versions": {"tessera": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         "config": {"base": base, "variants": VARIANTS, "seeds": seeds, "args": vars(args), "command": " ".join(sys.argv)},
         "gate_rule": {"plateau_max": PLATEAU, "overfit_max": OVERFIT, "generation_min": GEN_GATE, "captioning_min": CAP_GATE},
@@ -451,7 +485,7 @@ def main() -> None:
     }
     t_start = time.perf_counter()
     if args.candidates:
-        results["candidates"] = candidates(args.candidates.split(","), {**base, "steps": 10})
+        results["candidates"] = candidates(args.candidates.split(","), {**base, "steps": 10}, device=dev)
         write_json(results, out_path)
 
     for setting in [s for s in args.settings.split(",") if s]:
@@ -502,8 +536,11 @@ def main() -> None:
             S["runs"][f"dense_mod_s{seeds[0]}"] = mod = run_one(setting, "dense_mod", seeds[0], {**base, "steps": mod_steps},
                                                                runs_dir, args.reuse)
             S["mod_inference"] = {"steps_scale_for_equal_training_flops": round(ratio, 4),
-                                  **mod_inference(setting, dense[seeds[0]], mod, base)}
+                                  **mod_inference(setting, dense[seeds[0]], mod, base, device=dev)}
             write_json(results, out_path)
+        S["timing"] = timing_phase(setting, ["dense", "mot"], base, args.timing_steps, args.timing_rounds, dev)
+        write_json(results, out_path)
+        plot(results, out_path.with_suffix(".png"))
     results["goals"] = goals(results, args.moma_setting)
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["machine"]["load_average_at_end"] = os.getloadavg()

@@ -336,7 +336,7 @@ def main() -> None:
     ap.add_argument("--schedules", default="2,7,8", help="schedules run with every seed (1,4,5,6 add about 3 min each per seed)")
     ap.add_argument("--tiny", nargs="*", default=[
         "n_people=80", "bios_per_person=5", "permute=true", "fullname=true", "tiny_hidden=256", "tiny_layers=4",
-        "tiny_vocab=2048", "doc_epochs=30", "qa_epochs=4", "doc_lr=1e-3", "qa_lr=1e-3", "batch_size=64", "keep_qa=32",
+        "tiny_vocab=2048", "doc_epochs=30", "qa_epochs=4", "doc_lr=1e-3", "qa_lr=3e-4", "batch_size=64", "keep_qa=32",
         "eval_train_qa=120", "references=false"],
         help="key=value overrides of the pit recipe for the from-scratch study (the gated testbed: the biographies are "
              "stored before the schedules are compared)")

@@ -1,0 +1,36 @@
+"""benchmarks/gpu/mixed_modal.sh --smoke: the GPU script's path (both settings as two processes, the gate, MoT,
+the MoMa grid, MoD inference, goals) runs on CPU in about a minute and records what the issue asks for."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+GOALS = {"dense_plateau", "dense_generation_gate", "mot_image_steps_ratio_chameleon", "mot_image_steps_ratio_transfusion",
+         "moma_best_flops_saving", "mod_inference_flops_saving", "mot_wall_per_step_ratio"}
+
+
+def test_gpu_script_smoke_runs_every_phase_on_cpu(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "mixed_modal.sh"), "--smoke", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cham = json.loads((tmp_path / "mixed_modal_chameleon.json").read_text())
+    tf = json.loads((tmp_path / "mixed_modal_transfusion.json").read_text())
+    for res in (cham, tf):
+        assert set(res["goals"]) == GOALS
+        assert all({"target", "measured", "met"} <= set(g) for g in res["goals"].values())
+        assert res["machine"]["device"] == "cpu" and res["wall_s"] > 0
+    for res, setting in ((cham, "chameleon"), (tf, "transfusion")):
+        S = res["settings"][setting]
+        assert {"dense_s0", "mot_s0"} <= set(S["runs"]) and isinstance(S["gate"]["passed"], bool)
+        assert S["runs"]["dense_s0"]["curve"][-1]["step"] == 12
+        assert 0 < S["timing"]["ratio_to_dense"]["mot"] < 10
+        assert (tmp_path / f"mixed_modal_{setting}.png").stat().st_size > 0
+    grid = cham["settings"]["chameleon"]["moma_grid"]
+    assert len(grid) == 6 and grid["moma_4t4i"]["params"]["total"] > grid["moma_4t4i"]["params"]["active"]
+    mi = cham["settings"]["chameleon"]["mod_inference"]
+    # the causal routers skip the block for unselected tokens: fewer FLOPs per token than dense
+    assert mi["flops_saving"] > 1.0 and 0.0 <= mi["selected_fraction_aux"] <= 1.0
+    assert cham["settings"]["chameleon"]["runs"]["dense_mod_s0"]["steps"] > 12  # dense's training FLOPs: more steps
