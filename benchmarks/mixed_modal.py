@@ -423,6 +423,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small and short: the same code path in about 8 minutes")
     ap.add_argument("--smoke", action="store_true", help="tiny and very short (one seed, about a minute): checks the path, "
                     "measures nothing (benchmarks/gpu/mixed_modal.sh --smoke; tested)")
+    ap.add_argument("--probe", action="store_true",
+                    help="only the gate's probe: dense, seed 0, each setting, --steps steps; merged into --out as "
+                         "gate_probe (sizes the default run: does dense reach the gate, and when does it plateau?)")
     ap.add_argument("--device", default="", help="'' = CUDA when present (bf16 autocast), else CPU")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--sample-per-class", type=int, default=4)
@@ -484,6 +487,24 @@ def main() -> None:
         "settings": {},
     }
     t_start = time.perf_counter()
+    if args.probe:
+        old = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        probe = {"machine": results["machine"], "base": base, "command": " ".join(sys.argv), "settings": {}}
+        for setting in [s for s in args.settings.split(",") if s]:
+            t0 = time.perf_counter()
+            run = run_one(setting, "dense", seeds[0], base, runs_dir, args.reuse)
+            probe["settings"][setting] = {
+                "plateau": run["plateau"], "overfit": run["overfit"], "generation": run["generation_causal"],
+                "captioning": run["captioning_causal"], "seconds_per_step": run["seconds_per_step"],
+                "seconds": round(time.perf_counter() - t0, 1), "params": run["params"],
+                "classifier_val_accuracy": run["classifier_val_accuracy"],
+                "gate_passed": bool(run["plateau"] <= PLATEAU and not run["overfit"]["flag"]
+                                    and (run["generation_causal"] or 0) >= GEN_GATE and (run["captioning_causal"] or 0) >= CAP_GATE),
+                "curve": run["curve"]}
+            print(f"probe {setting}: " + json.dumps({k: v for k, v in probe["settings"][setting].items() if k != "curve"}), flush=True)
+            old.setdefault("gate_probe", {})[f"{args.d_model}x{args.layers}_steps{args.steps}"] = probe
+            write_json(old, out_path)
+        return
     if args.candidates:
         results["candidates"] = candidates(args.candidates.split(","), {**base, "steps": 10}, device=dev)
         write_json(results, out_path)
