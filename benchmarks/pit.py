@@ -23,6 +23,9 @@ testbed sizes.  The paper-sized real run on a GPU is ``python benchmarks/pit.py 
 --real lm=default n_people=300 doc_epochs=10 qa_epochs=3 doc_lr=3e-5 qa_lr=5e-6 trainable_top_layers=0
 batch_size=16 keep_qa=64``.
 
+``--pitpp`` (schedule 8 only, ``--seeds``, 3 minutes per variant and seed): experiments on PIT++'s gap - its
+QA-first stage at lr 3e-4 / 1e-4 / 1e-5 and without the budget scale - merged as ``pitpp_experiments``.
+
 ``--extras`` (one seed, about 30 minutes, merged into the JSON): schedules 1, 4, 5, 6; the augmentation
 axis (2, 7, 8 at one biography per person with the same exposures per fact); standard (2) with 4x the QA
 epochs; each with the gate's curve against test-document epochs (``pit_curve.png``).  ``--full`` = the
