@@ -428,6 +428,8 @@ def main() -> None:
                          "gate_probe (sizes the default run: does dense reach the gate, and when does it plateau?)")
     ap.add_argument("--device", default="", help="'' = CUDA when present (bf16 autocast), else CPU")
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--caption-first", type=float, default=0.8,
+                    help="share of image-caption pairs in generation order (Transfusion: 0.8); the rest teach captioning")
     ap.add_argument("--sample-per-class", type=int, default=4)
     ap.add_argument("--caption-eval", type=int, default=100)
     ap.add_argument("--sample-steps", type=int, default=50, help="DDPM sampling steps for generation accuracy")
@@ -477,7 +479,8 @@ def main() -> None:
                 batch_size=args.batch_size, eval_every=args.eval_every, eval_batches=6, ckpt_every=10**9, log_every=50,
                 sample_per_class=args.sample_per_class, n_caption_eval=args.caption_eval, sample_steps=args.sample_steps,
                 classifier_steps=args.classifier_steps, lr=args.lr, warmup_steps=min(max(20, args.steps // 50), args.steps // 4),
-                augment_shift=1, augment_gain=0.3, threads=args.threads, device=args.device, distributed="none")
+                augment_shift=1, augment_gain=0.3, caption_first=args.caption_first, threads=args.threads,
+                device=args.device, distributed="none")
     results: dict = {
         "benchmark": "mixed_modal", "machine": {**machine(), "device": dev,
                                                 "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},
@@ -502,7 +505,7 @@ def main() -> None:
                                     and (run["generation_causal"] or 0) >= GEN_GATE and (run["captioning_causal"] or 0) >= CAP_GATE),
                 "curve": run["curve"]}
             print(f"probe {setting}: " + json.dumps({k: v for k, v in probe["settings"][setting].items() if k != "curve"}), flush=True)
-            old.setdefault("gate_probe", {})[f"{args.d_model}x{args.layers}_steps{args.steps}"] = probe
+            old.setdefault("gate_probe", {})[f"{args.d_model}x{args.layers}_steps{args.steps}_capfirst{args.caption_first:g}"] = probe
             write_json(old, out_path)
         return
     if args.candidates:
