@@ -154,8 +154,7 @@ def run_one(setting: str, name: str, seed: int, base: dict, runs_dir: Path, reus
     return {
         "setting": setting, "variant": name, "seed": seed, "steps": res["steps"], "params": res["params"],
         "model_config": res["model_config"], "seq_len": res["data"]["seq_len"],
-        "train_flops": res["train_flops"], "median_step_s_in_run": res["median_step_s"],
-        "seconds_per_step": res["median_step_s"], "val": res["val"],
+        "train_flops": res["train_flops"], "seconds_per_step": res["median_step_s"], "val": res["val"],
         "generation_accuracy": gen, "captioning_accuracy": cap, "generation_causal": gen.get(causal),
         "captioning_causal": cap.get(causal), "classifier_val_accuracy": res["classifier_val_accuracy"],
         "plateau": round(plateau(curve), 4), "overfit": overfit(curve), "curve": curve,

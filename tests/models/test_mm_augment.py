@@ -13,10 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mm_helpers import TEXT_DOC  # noqa: E402
 
-from tessera.data.mixed_modal import MixedModalData, load_image_set, text_stream  # noqa: E402
+from tessera.data.mixed_modal import MixedModalData, load_image_set, shifted, text_stream  # noqa: E402
 from tessera.errors import InputError  # noqa: E402
 from tessera.models import diffusion as D  # noqa: E402
-from tessera.models.classifier import _shifted  # noqa: E402
 from tessera.models.modality import IMAGE  # noqa: E402
 
 
@@ -32,7 +31,7 @@ def _data(setting, **kw):
 
 
 def _versions(img, shift, gains):
-    return [g * _shifted(torch.from_numpy(img), dy, dx).numpy() for dy in range(-shift, shift + 1)
+    return [g * shifted(img, dy, dx) for dy in range(-shift, shift + 1)
             for dx in range(-shift, shift + 1) for g in gains]
 
 

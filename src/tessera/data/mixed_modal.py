@@ -100,6 +100,14 @@ def load_image_set(name: str, mnist_dir: str | Path | None = None) -> tuple[np.n
     raise InputError(f"unknown image dataset {name!r}; use digits or mnist")
 
 
+def shifted(x, dy: int, dx: int):
+    """``x [..., H, W]`` (NumPy array or torch tensor) moved by ``(dy, dx)`` pixels, zero fill."""
+    H, W = x.shape[-2:]
+    out = x * 0
+    out[..., max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = x[..., max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
+
+
 def split_indices(n: int, n_val: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random train/validation split of ``n`` items."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -169,10 +177,7 @@ class MixedModalData:
         s = self.augment_shift
         if s:
             dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
-            H, W = img.shape
-            out = np.zeros_like(img)
-            out[max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = img[max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
-            img = out
+            img = shifted(img, dy, dx)
         if self.augment_gain:
             img = img * np.float32(1.0 - self.augment_gain * rng.random())
         return img

@@ -264,11 +264,12 @@ class MoDBlock(nn.Module):
         ar = torch.arange(T, device=x.device)
         sel = torch.sort(torch.where(selected, ar, ar + T), dim=1).indices[:, :k]  # [B, k]
         valid = torch.arange(k, device=x.device)[None] < counts[:, None]  # [B, k]
-        base = ctx.mask if ctx.mask is not None else causal_mask(T, x.device)[None, None].expand(B, 1, T, T)
+        sub = ctx.subset(sel, self._modality_router)
+        # plain causal: the valid columns are in sequence order, so causal among them is lower-triangular
+        base = sub.mask if sub.mask is not None else causal_mask(k, x.device)[None, None]
         eye = torch.eye(k, dtype=torch.bool, device=x.device)[None, None]
-        mask = (gather_mask(base, sel) & valid[:, None, None, :]) | eye
         idx = sel[..., None].expand(B, k, d)
         xs = x.gather(1, idx)
-        ys = self.block(xs, replace(ctx.subset(sel, self._modality_router), mask=mask))
+        ys = self.block(xs, replace(sub, mask=(base & valid[:, None, None, :]) | eye))
         upd = torch.where(valid[..., None], xs + w.gather(1, sel)[..., None] * (ys - xs), xs)
         return x.scatter(1, idx, upd.to(x.dtype))

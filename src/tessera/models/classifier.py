@@ -38,6 +38,8 @@ def train_digit_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 
     """Adam on cross-entropy with light pixel noise (so slightly noisy generations are judged fairly);
     ``shift``: each batch moved by up to that many pixels each way (zero fill), for a judge of
     images drawn with random offsets."""
+    from tessera.data.mixed_modal import shifted
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     clf = DigitClassifier()
@@ -49,21 +51,13 @@ def train_digit_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 
         xb = (x[idx] + noise * torch.randn(x[idx].shape, generator=g)).clamp(0, 1)
         if shift:
             dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=g))
-            xb = _shifted(xb, dy, dx)
+            xb = shifted(xb, dy, dx)
         loss = F.cross_entropy(clf(xb), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     clf.eval()
     return clf
-
-
-def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``x [..., H, W]`` moved by ``(dy, dx)`` pixels, zero fill."""
-    H, W = x.shape[-2:]
-    out = torch.zeros_like(x)
-    out[..., max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = x[..., max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
-    return out
 
 
 def accuracy(clf: DigitClassifier, images: np.ndarray | torch.Tensor, labels) -> float:
