@@ -219,7 +219,7 @@ class MixedModalData:
         understanding = np.zeros(batch_size, dtype=bool)
         labels = np.full(batch_size, -1, dtype=np.int64)
         pool = index if index is not None else np.arange(len(self.images))
-        pairs = []  # (row, image index, caption-first, augmented image or None)
+        pairs = []  # (row, image index, caption first?, template, augmented image or None)
         for b in range(batch_size):
             if rng.random() < self.text_fraction:
                 start = int(rng.integers(0, self.text.size - (T - 1)))
