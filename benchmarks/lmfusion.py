@@ -99,7 +99,7 @@ def transfusion_step_flops(tcfg, n: int = 3) -> tuple[float, float]:
     from tessera.recipes.mixed_modal_pretrain import build_data, model_config
 
     train, _, train_idx, _, _, _ = build_data(tcfg)
-    lm = MixedModalLM(model_config(tcfg, train.vocab.size, train.patch_dim), "transfusion",
+    lm = MixedModalLM(model_config(tcfg, train.vocab.size, train.patch_dim, train.image_len), "transfusion",
                       diffusion_lambda=tcfg.diffusion_lambda)
     measured, analytic = 0, 0.0
     for s in range(n):

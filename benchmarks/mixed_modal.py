@@ -3,9 +3,12 @@
 Issue 25.  Every run goes through the ``mixed-modal-pretrain`` recipe: captioned 8x8 digits in both
 orders (training images drawn anew each time: random offsets of up to one pixel and an ink gain, so
 nothing repeats within the budget; validation images are never augmented) plus WikiText-2 text-only
-sequences; pixel-value image tokens in the Chameleon setting, 2x2 patches + DDPM in the Transfusion
-setting.  All variants have the same shapes per token, so dense, MoT and MoMa cost the same FLOPs per
-token (MoMa adds routers).
+sequences.  Chameleon setting: one image token per 2x2 patch, the nearest entry of a 256-entry k-means
+codebook (16 tokens per digit; ``--digit-tokens pixels`` for the 64 grey-level tokens).  Transfusion
+setting: 2x2 patches + DDPM, with what a d64 model needs to follow its caption at all (measured, see
+``gate_probe``): a learned position per patch, v-prediction, 10% caption dropout and classifier-free
+guidance 5 at sampling, and peak lr 1e-3 (at 3e-3 it never learns to read its patches).  All variants
+have the same shapes per token, so dense, MoT and MoMa cost the same FLOPs per token (MoMa adds routers).
 
 1. ``candidates``: training tokens/s of dense candidates on this CPU (the testbed is sized from them).
 2. Gate, per setting, on each dense seed: validation loss plateaued (less than 1% better over the last
@@ -208,7 +211,7 @@ def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds:
     for n in names:
         c = Config(setting=setting, **{**base, **VARIANTS[n]})
         torch.manual_seed(0)
-        models[n] = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting).to(device)
+        models[n] = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim, data.image_len), setting).to(device)
         opts[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-3)
     times: dict[str, list[float]] = {n: [] for n in names}
     rng = np.random.default_rng(0)
@@ -225,7 +228,7 @@ def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds:
     return {"median_step_s": med, "ratio_to_dense": {n: round(med[n] / med["dense"], 3) for n in names}}
 
 
-def candidates(specs: list[str], base: dict, steps: int = 8, device: str = "cpu") -> list[dict]:
+def candidates(specs: list[str], base: dict, per_setting: dict, steps: int = 8, device: str = "cpu") -> list[dict]:
     """Training tokens/s of dense ``D_MODELxLAYERS`` candidates in both settings."""
     from tessera.models.objectives import MixedModalLM
     from tessera.recipes.mixed_modal_pretrain import Config, build_data, model_config
@@ -235,9 +238,9 @@ def candidates(specs: list[str], base: dict, steps: int = 8, device: str = "cpu"
         data, _, train_idx, _, _, _ = build_data(Config(setting=setting, **base))
         for spec in specs:
             d, L = (int(v) for v in spec.split("x"))
-            c = Config(setting=setting, **{**base, "d_model": d, "n_layers": L, "n_heads": max(4, d // 32)})
+            c = Config(setting=setting, **{**base, **per_setting[setting], "d_model": d, "n_layers": L, "n_heads": max(4, d // 32)})
             torch.manual_seed(0)
-            lm = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim), setting).to(device)
+            lm = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim, data.image_len), setting).to(device)
             opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
             rng = np.random.default_rng(0)
             ts = []
@@ -437,7 +440,15 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Chameleon setting)")
+    ap.add_argument("--digit-tokens", default="patches", choices=("patches", "pixels"),
+                    help="Chameleon image tokens: 16 codes of 2x2 patches (k-means codebook) or the 64 pixel values")
+    ap.add_argument("--lr-transfusion", type=float, default=1e-3,
+                    help="the Transfusion setting's peak learning rate (at 3e-3 the d64 model never learns to read its patches)")
+    ap.add_argument("--prediction-type", default="v_prediction", help="Transfusion: epsilon (the paper) or v_prediction")
+    ap.add_argument("--cond-dropout", type=float, default=0.1, help="Transfusion: captions dropped for classifier-free guidance")
+    ap.add_argument("--diffusion-lambda", type=float, default=5.0, help="Transfusion: weight of the diffusion loss (paper: 5)")
+    ap.add_argument("--guidance", type=float, default=5.0, help="Transfusion: classifier-free guidance scale for generation")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--settings", default="chameleon,transfusion")
@@ -480,42 +491,54 @@ def main() -> None:
                 classifier_steps=args.classifier_steps, lr=args.lr, warmup_steps=min(max(20, args.steps // 50), args.steps // 4),
                 augment_shift=1, augment_gain=0.3, caption_first=args.caption_first, threads=args.threads,
                 device=args.device, distributed="none")
+    # the Transfusion setting's own optimisation and sampling (see the module docstring)
+    per_setting = {"chameleon": {"digit_tokens": args.digit_tokens}, "transfusion": {"lr": args.lr_transfusion, "prediction_type": args.prediction_type,
+                                                     "cond_dropout": args.cond_dropout, "guidance_scale": args.guidance,
+                                                     "diffusion_lambda": args.diffusion_lambda}}
     results: dict = {
         "benchmark": "mixed_modal", "machine": {**machine(), "device": dev,
                                                 "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},
         "versions": {"tessera": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
-        "config": {"base": base, "variants": VARIANTS, "seeds": seeds, "args": vars(args), "command": " ".join(sys.argv)},
+        "config": {"base": base, "per_setting": per_setting, "variants": VARIANTS, "seeds": seeds, "args": vars(args), "command": " ".join(sys.argv)},
         "gate_rule": {"plateau_max": PLATEAU, "overfit_max": OVERFIT, "generation_min": GEN_GATE, "captioning_min": CAP_GATE},
         "settings": {},
     }
     t_start = time.perf_counter()
     if args.probe:
         old = json.loads(out_path.read_text()) if out_path.is_file() else {}
-        probe = {"machine": results["machine"], "base": base, "command": " ".join(sys.argv), "settings": {}}
         for setting in [s for s in args.settings.split(",") if s]:
+            sbase = {**base, **per_setting[setting]}
             t0 = time.perf_counter()
-            run = run_one(setting, "dense", seeds[0], base, runs_dir, args.reuse)
-            probe["settings"][setting] = {
+            run = run_one(setting, "dense", seeds[0], sbase, runs_dir, args.reuse)
+            probe = {
                 "plateau": run["plateau"], "overfit": run["overfit"], "generation": run["generation_causal"],
                 "captioning": run["captioning_causal"], "seconds_per_step": run["seconds_per_step"],
                 "seconds": round(time.perf_counter() - t0, 1), "params": run["params"],
                 "classifier_val_accuracy": run["classifier_val_accuracy"],
                 "gate_passed": bool(run["plateau"] <= PLATEAU and not run["overfit"]["flag"]
-                                    and (run["generation_causal"] or 0) >= GEN_GATE and (run["captioning_causal"] or 0) >= CAP_GATE),
-                "curve": run["curve"]}
-            print(f"probe {setting}: " + json.dumps({k: v for k, v in probe["settings"][setting].items() if k != "curve"}), flush=True)
-            old.setdefault("gate_probe", {})[f"{args.d_model}x{args.layers}_steps{args.steps}_capfirst{args.caption_first:g}"] = probe
+                                    and (run["generation_causal"] or 0) >= GEN_GATE and (run["captioning_causal"] or 0) >= CAP_GATE)}
+            print(f"probe {setting}: " + json.dumps(probe), flush=True)
+            key = f"{setting}_{args.d_model}x{args.layers}_steps{args.steps}_capfirst{args.caption_first:g}"
+            key += (f"_{args.prediction_type}_lr{args.lr_transfusion:g}_lambda{args.diffusion_lambda:g}_cfg{args.guidance:g}"
+                    if setting == "transfusion" else f"_{args.digit_tokens}")
+            old.setdefault("gate_probe", {})[key] = {**probe, "machine": results["machine"], "config": sbase,
+                                                     "command": " ".join(sys.argv), "curve": run["curve"]}
             write_json(old, out_path)
         return
+    if out_path.is_file():  # gate probes recorded earlier (--probe) stay with the results
+        probes = json.loads(out_path.read_text()).get("gate_probe")
+        if probes:
+            results["gate_probe"] = probes
     if args.candidates:
-        results["candidates"] = candidates(args.candidates.split(","), {**base, "steps": 10}, device=dev)
+        results["candidates"] = candidates(args.candidates.split(","), {**base, "steps": 10}, per_setting, device=dev)
         write_json(results, out_path)
 
     for setting in [s for s in args.settings.split(",") if s]:
+        sbase = {**base, **per_setting[setting]}
         S = results["settings"].setdefault(setting, {"runs": {}})
         # 1. the gate: dense, every seed
         for seed in seeds:
-            S["runs"][f"dense_s{seed}"] = run_one(setting, "dense", seed, base, runs_dir, args.reuse)
+            S["runs"][f"dense_s{seed}"] = run_one(setting, "dense", seed, sbase, runs_dir, args.reuse)
             write_json(results, out_path)
         dense = {s: S["runs"][f"dense_s{s}"] for s in seeds}
         gen = [d["generation_causal"] for d in dense.values()]
@@ -529,7 +552,7 @@ def main() -> None:
         write_json(results, out_path)
         # 2. MoT, every seed
         for seed in seeds:
-            S["runs"][f"mot_s{seed}"] = run_one(setting, "mot", seed, base, runs_dir, args.reuse)
+            S["runs"][f"mot_s{seed}"] = run_one(setting, "mot", seed, sbase, runs_dir, args.reuse)
             write_json(results, out_path)
         mot = [vs_dense(S["runs"][f"mot_s{s}"], dense[s]) for s in seeds]
         S["mot_vs_dense"] = {"per_seed": mot, **{k: spread([m[k] for m in mot]) for k in mot[0]
@@ -538,30 +561,30 @@ def main() -> None:
         if setting == args.moma_setting:
             grid = {}
             for name in MOMA:
-                S["runs"][f"{name}_s{seeds[0]}"] = run = run_one(setting, name, seeds[0], base, runs_dir, args.reuse)
+                S["runs"][f"{name}_s{seeds[0]}"] = run = run_one(setting, name, seeds[0], sbase, runs_dir, args.reuse)
                 grid[name] = {**vs_dense(run, dense[seeds[0]]), "params": param_counts(run["model_config"]),
                               "generation": run["generation_causal"], "captioning": run["captioning_causal"]}
                 write_json(results, out_path)
             S["moma_grid"] = grid
             best = max(grid, key=lambda n: (grid[n]["flops_saving_total"] or 0.0, -grid[n]["final_total_minus_dense"]))
             for seed in seeds[1:]:
-                S["runs"][f"{best}_s{seed}"] = run_one(setting, best, seed, base, runs_dir, args.reuse)
+                S["runs"][f"{best}_s{seed}"] = run_one(setting, best, seed, sbase, runs_dir, args.reuse)
                 write_json(results, out_path)
             per = [vs_dense(S["runs"][f"{best}_s{s}"], dense[s]) for s in seeds]
             S["moma_best"] = {"variant": best, "per_seed": per,
                               **{k: spread([m[k] for m in per]) for k in per[0] if k.startswith(("flops_saving", "final_"))}}
             # MoD with dense's training FLOPs (more steps), evaluated with its causal routers
-            dcfg = model_config(Config(setting=setting, **base), 1, 0)
+            dcfg = model_config(Config(setting=setting, **sbase), 1, 0)
             mcfg = replace(dcfg, variant="dense_mod")
             T = S["runs"][f"dense_s{seeds[0]}"]["seq_len"]
             ratio = forward_flops_per_token(dcfg, T) / forward_flops_per_token(mcfg, T)
             mod_steps = int(round(args.steps * ratio))
-            S["runs"][f"dense_mod_s{seeds[0]}"] = mod = run_one(setting, "dense_mod", seeds[0], {**base, "steps": mod_steps},
+            S["runs"][f"dense_mod_s{seeds[0]}"] = mod = run_one(setting, "dense_mod", seeds[0], {**sbase, "steps": mod_steps},
                                                                runs_dir, args.reuse)
             S["mod_inference"] = {"steps_scale_for_equal_training_flops": round(ratio, 4),
-                                  **mod_inference(setting, dense[seeds[0]], mod, base, device=dev)}
+                                  **mod_inference(setting, dense[seeds[0]], mod, sbase, device=dev)}
             write_json(results, out_path)
-        S["timing"] = timing_phase(setting, ["dense", "mot"], base, args.timing_steps, args.timing_rounds, dev)
+        S["timing"] = timing_phase(setting, ["dense", "mot"], sbase, args.timing_steps, args.timing_rounds, dev)
         write_json(results, out_path)
         plot(results, out_path.with_suffix(".png"))
     results["goals"] = goals(results, args.moma_setting)

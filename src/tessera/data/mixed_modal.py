@@ -108,6 +108,49 @@ def shifted(x, dy: int, dx: int):
     return out
 
 
+class PatchCodebook:
+    """Image tokens from a k-means codebook of ``patch x patch`` pixel patches (scikit-learn ``KMeans``): a VQ
+    tokenizer whose encoder is the identity (van den Oord et al. 2017 with a fixed encoder), so an 8x8 digit
+    becomes 16 tokens instead of 64 pixel values.  ``encode``: images ``[N, H, W]`` -> codes ``[N, L]`` (raster
+    order of the patches); ``decode``: codes (tensor) -> images ``[N, H, W]`` in [0, 1]."""
+
+    def __init__(self, centers: np.ndarray, patch: int, height: int, width: int):
+        self.centers, self.patch, self.height, self.width = centers.astype(np.float32), patch, height, width
+
+    @classmethod
+    def fit(cls, images: np.ndarray, n_codes: int, patch: int = 2, seed: int = 0) -> "PatchCodebook":
+        from sklearn.cluster import KMeans
+
+        H, W = images.shape[1:]
+        if H % patch or W % patch:
+            raise InputError(f"patch {patch} does not divide the {H}x{W} images; pick a divisor")
+        flat = cls._patches(images, patch).reshape(-1, patch * patch)
+        distinct = len(np.unique(flat, axis=0))
+        if distinct < n_codes:
+            raise InputError(f"only {distinct} distinct {patch}x{patch} patches for {n_codes} codes; pass fewer codes")
+        km = KMeans(n_clusters=n_codes, n_init=1, random_state=seed).fit(flat)
+        return cls(km.cluster_centers_, patch, H, W)
+
+    @staticmethod
+    def _patches(images: np.ndarray, patch: int) -> np.ndarray:
+        from tessera.models.diffusion import patchify
+
+        return patchify(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None], patch).numpy()
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        p = torch.from_numpy(self._patches(images, self.patch))
+        return torch.cdist(p, torch.from_numpy(self.centers)[None]).argmin(-1).numpy().astype(np.int64)
+
+    def decode(self, codes) -> torch.Tensor:
+        from tessera.models.diffusion import unpatchify
+
+        x = torch.from_numpy(self.centers)[torch.as_tensor(codes, dtype=torch.long).cpu()]
+        return unpatchify(x, self.patch, self.height, self.width)[:, 0].clamp(0, 1)
+
+    def reconstruction_mse(self, images: np.ndarray) -> float:
+        return float(((self.decode(self.encode(images)).numpy() - images) ** 2).mean())
+
+
 def split_indices(n: int, n_val: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random train/validation split of ``n`` items."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -139,7 +182,7 @@ class MixedModalData:
                  codes: np.ndarray | None = None, n_image_codes: int = 0, patch_size: int = 2,
                  text_fraction: float = 0.25, caption_first: float = 0.8, templates=CAPTION_TEMPLATES,
                  vocab: MixedModalVocab | None = None, augment_shift: int = 0, augment_gain: float = 0.0,
-                 encode=None):
+                 encode=None, cond_dropout: float = 0.0):
         if setting not in ("chameleon", "transfusion"):
             raise InputError(f"unknown setting {setting!r}; use chameleon or transfusion")
         if setting == "chameleon" and codes is None:
@@ -147,6 +190,9 @@ class MixedModalData:
         self.setting, self.images, self.labels, self.text = setting, images, labels, text
         self.codes, self.patch_size, self.templates = codes, patch_size, tuple(templates)
         self.text_fraction, self.caption_first = text_fraction, caption_first
+        if not 0.0 <= cond_dropout < 1.0:
+            raise InputError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+        self.cond_dropout = cond_dropout
         if augment_shift < 0 or not 0.0 <= augment_gain < 1.0:
             raise InputError(f"augment_shift must be >= 0 and augment_gain in [0, 1), got {augment_shift} and {augment_gain}")
         if setting == "chameleon" and (augment_shift or augment_gain) and encode is None:
@@ -229,6 +275,8 @@ class MixedModalData:
             i = int(pool[rng.integers(0, len(pool))])
             first = bool(rng.random() < self.caption_first)
             template = self.templates[rng.integers(0, len(self.templates))]
+            if first and self.cond_dropout and rng.random() < self.cond_dropout:
+                template = ""  # caption dropped (classifier-free guidance): BOS BOI image EOI EOS
             pairs.append((b, i, first, template, None))
         if self.augments and pairs:  # drawn after the layout, so a batch's sequences do not depend on augmentation
             arng = np.random.default_rng(int(rng.integers(2**63)))

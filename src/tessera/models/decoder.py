@@ -64,6 +64,9 @@ class MixedModalConfig:
     aux_router: bool = True  # auxiliary routers for causal inference (expert choice and MoD layers)
     aux_hidden: int = 0  # 0 -> d_model
     patch_dim: int = 0  # Transfusion: channels * patch * patch; 0 = Chameleon (discrete image tokens)
+    # Transfusion: learned absolute embedding of the k-th patch of an image (ViT / DiT patch positions), added to the
+    # patch embedding; 0 = none (RoPE alone: a caption then has to find patch k at a template-dependent offset)
+    image_positions: int = 0
     n_modalities: int = 2
     rope_theta: float = 10000.0
     # Expert-choice router noise (moe_ec, moma): "gumbel" = Gumbel-sigmoid scores in training (MoMa section 2.2,
@@ -117,6 +120,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb if dim % 2 == 0 else torch.nn.functional.pad(emb, (0, 1))
 
 
+def patch_index(modality: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: the index of each position within its run of image positions (0 for the first patch of an
+    image; text positions get their distance from the last image start and are not read)."""
+    T = modality.shape[1]
+    pos = torch.arange(T, device=modality.device).expand_as(modality)
+    img = modality == IMAGE
+    prev = torch.cat([torch.zeros_like(img[:, :1]), img[:, :-1]], 1)
+    start = torch.where(img & ~prev, pos, torch.zeros_like(pos))
+    return pos - start.cummax(1).values
+
+
 class MixedModalTransformer(nn.Module):
     """Token/patch embeddings -> blocks (one global attention each) -> final norm -> hidden states."""
 
@@ -135,6 +149,8 @@ class MixedModalTransformer(nn.Module):
             self.patch_in = nn.Linear(cfg.patch_dim, d)
             self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
             self.patch_out = nn.Linear(d, cfg.patch_dim)
+            if cfg.image_positions:
+                self.patch_pos = nn.Embedding(cfg.image_positions, d)
         self.apply(self._init)
 
     @staticmethod
@@ -174,6 +190,9 @@ class MixedModalTransformer(nn.Module):
             xf = x.reshape(B * T, -1).clone()
             t = timesteps.reshape(-1)[img]
             emb = self.patch_in(patches.reshape(B * T, -1)[img]) + self.time_mlp(timestep_embedding(t, self.cfg.d_model))
+            if self.cfg.image_positions:
+                k = patch_index(modality).reshape(-1)[img].clamp(max=self.cfg.image_positions - 1)
+                emb = emb + self.patch_pos(k)
             xf[img] = emb.to(xf.dtype)  # bf16 under autocast; the residual stream keeps the embeddings' dtype
             x = xf.view(B, T, -1)
         for layer in self.layers:

@@ -18,12 +18,25 @@ NUM_TRAIN_TIMESTEPS = 1000  # Transfusion
 NUM_INFERENCE_STEPS = 250  # Transfusion
 
 
-def make_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
-    """DDPM with the cosine schedule, epsilon prediction, samples clipped to [-1, 1]."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def make_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, prediction_type: str = "epsilon"):
+    """DDPM with the cosine schedule, samples clipped to [-1, 1]; the network predicts ``epsilon`` (Transfusion)
+    or ``v_prediction`` (``v = sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022)."""
     from diffusers import DDPMScheduler
 
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0)
+                         prediction_type=prediction_type, clip_sample=True, clip_sample_range=1.0)
+
+
+def diffusion_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the network regresses onto: the noise (``epsilon``) or the velocity (``v_prediction``)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
+    return noise
 
 
 def sample_timesteps(n: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, max_t: torch.Tensor | int | None = None,

@@ -34,7 +34,7 @@ class MixedModalLM(nn.Module):
 
     def __init__(self, cfg: MixedModalConfig, setting: str = "chameleon", diffusion_lambda: float = 5.0,
                  aux_coef: float = 1.0, lb_coef: float = 0.01, understanding_max_t: int = 500,
-                 num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS):
+                 num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS, prediction_type: str = "epsilon"):
         super().__init__()
         if setting not in SETTINGS:
             raise ValueError(f"unknown setting {setting!r}; use chameleon or transfusion")
@@ -43,7 +43,8 @@ class MixedModalLM(nn.Module):
         self.setting, self.diffusion_lambda, self.aux_coef, self.lb_coef = setting, diffusion_lambda, aux_coef, lb_coef
         self.understanding_max_t, self.num_train_timesteps = understanding_max_t, num_train_timesteps
         self.model = MixedModalTransformer(cfg)
-        self.scheduler = D.make_scheduler(num_train_timesteps) if setting == "transfusion" else None
+        self.prediction_type = prediction_type
+        self.scheduler = D.make_scheduler(num_train_timesteps, prediction_type) if setting == "transfusion" else None
 
     @property
     def cfg(self) -> MixedModalConfig:
@@ -85,7 +86,7 @@ class MixedModalLM(nn.Module):
             logits = self.model.lm_head(hf[text_idx])
             lm = F.cross_entropy(logits.float(), targets.reshape(-1)[text_idx]) if text_idx.numel() else hf.sum() * 0
             eps = self.model.patch_out(hf[img])
-            diff = D.diffusion_loss(eps, nf[img])
+            diff = D.diffusion_loss(eps, D.diffusion_target(self.scheduler, xf[img], nf[img], t_tok.reshape(-1)[img]))
             model_loss = lm + self.diffusion_lambda * diff
             out["text_loss"], out["image_loss"] = lm, diff
         loss = model_loss

@@ -67,7 +67,7 @@ def generate_images(lm, data: MixedModalData, caption: str, n: int, routing: str
             return lm.model.patch_out(hidden[:, -L:])
         return eps_fn
 
-    x = D.ddpm_sample(eps_for(prompt), (n, L, data.patch_dim), D.make_scheduler(lm.num_train_timesteps),
+    x = D.ddpm_sample(eps_for(prompt), (n, L, data.patch_dim), D.make_scheduler(lm.num_train_timesteps, lm.prediction_type),
                       num_inference_steps, generator=generator, guidance_scale=guidance_scale,
                       uncond_eps_fn=eps_for([v.bos, v.boi]) if guidance_scale != 1.0 else None, device=dev)
     images = D.unpatchify(x.cpu(), data.patch_size, data.height, data.width)[:, 0]
@@ -116,8 +116,10 @@ def caption_images(lm, data: MixedModalData, indices, routing: str = "batch", ma
 
 def generation_accuracy(lm, data: MixedModalData, classifier, per_class: int = 5, routing: str = "batch",
                         seed: int = 0, num_inference_steps: int = D.NUM_INFERENCE_STEPS,
-                        codes_to_images: Callable | None = None, template: str | None = None) -> tuple[float, torch.Tensor, list[int]]:
-    """Conditional generation accuracy: ``per_class`` images per digit from a caption, judged by ``classifier``.
+                        codes_to_images: Callable | None = None, template: str | None = None,
+                        guidance_scale: float = 1.0) -> tuple[float, torch.Tensor, list[int]]:
+    """Conditional generation accuracy: ``per_class`` images per digit from a caption, judged by ``classifier``
+    (Transfusion: ``guidance_scale`` != 1 = classifier-free guidance against the caption-less prompt).
 
     Returns ``(accuracy, images [10 * per_class, H, W], intended labels)``.
     """
@@ -126,7 +128,7 @@ def generation_accuracy(lm, data: MixedModalData, classifier, per_class: int = 5
     images, labels = [], []
     for d in range(10):
         images.append(generate_images(lm, data, caption_for(d, tmpl), per_class, routing, g, num_inference_steps,
-                                      codes_to_images))
+                                      codes_to_images, guidance_scale=guidance_scale))
         labels += [d] * per_class
     images_t = torch.cat(images)
     pred = classifier.predict(images_t)

@@ -69,18 +69,29 @@ class Config:
     router_noise: str = "none"  # moe_ec / moma: "gumbel" = Gumbel-sigmoid router in training (MoMa eq. 5; the paper's setting)
     # data
     patch_size: int = 0  # transfusion patches: 0 -> 2 for digits (16 patches), 4 for MNIST (49 patches)
+    patch_positions: bool = True  # transfusion: learned position embedding of each patch (ViT / DiT), beside RoPE
     text_fraction: float = 0.25  # share of text-only sequences
     caption_first: float = 0.8  # Transfusion: 80% of pairs caption first
+    # transfusion: share of caption-first pairs whose caption is dropped (BOS BOI image EOI EOS), so that sampling can
+    # use classifier-free guidance at guidance_scale (eps_u + s * (eps_c - eps_u)); chameleon ignores both
+    cond_dropout: float = 0.1
+    guidance_scale: float = 3.0
     n_val_images: int = 300
     # training images drawn anew each time (validation images never): shifted by up to augment_shift pixels
     # each way and their ink scaled by a gain in [1 - augment_gain, 1], so a long run does not see repeats
     # (1,497 training digits repeat every ~60 steps of batch 32 otherwise, and the model overfits)
     augment_shift: int = 1
     augment_gain: float = 0.3
+    # chameleon + digits: image tokens are the 64 pixel values (17 grey levels) or one token per 2x2 patch (16 tokens,
+    # nearest entry of a digit_codes-entry k-means codebook: a VQ tokenizer without a learned encoder)
+    digit_tokens: str = "pixels"
+    digit_codes: int = 256
     vq_codes: int = 64  # MNIST VQ tokenizer (Chameleon: 8192 codes; scaled down)
     vq_steps: int = 800
     # objective
     diffusion_lambda: float = 5.0  # Transfusion lambda
+    # transfusion: what the network predicts, epsilon (Transfusion) or v_prediction (v = sqrt(abar) eps - sqrt(1-abar) x0)
+    prediction_type: str = "epsilon"
     aux_coef: float = 1.0
     lb_coef: float = 0.01  # Switch alpha
     # optimisation (AdamW beta2 0.95 and weight decay 0.1 as Chameleon/MoT; lr scaled up for tiny models)
@@ -107,7 +118,9 @@ class Config:
     distributed: str = "auto"  # auto (FSDP on GPU, DDP on CPU) | ddp | fsdp | none
 
 
-def model_config(cfg: Config, vocab_size: int, patch_dim: int):
+def model_config(cfg: Config, vocab_size: int, patch_dim: int, image_len: int = 0):
+    """The model's architecture; ``image_len``: patches per image (Transfusion: learned patch positions, when
+    ``cfg.patch_positions``)."""
     from tessera.models.decoder import MixedModalConfig
 
     return MixedModalConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
@@ -115,7 +128,8 @@ def model_config(cfg: Config, vocab_size: int, patch_dim: int):
                             capacity_factor=cfg.capacity_factor, n_text_experts=cfg.n_text_experts,
                             n_image_experts=cfg.n_image_experts, untie_attention=cfg.untie_attention,
                             mod_capacity=cfg.mod_capacity, mod_every=cfg.mod_every, aux_router=cfg.aux_router,
-                            router_noise=cfg.router_noise, patch_dim=patch_dim)
+                            router_noise=cfg.router_noise, patch_dim=patch_dim,
+                            image_positions=image_len if patch_dim and cfg.patch_positions else 0)
 
 
 def routings_for(variant: str, aux_router: bool) -> list[str]:
@@ -147,12 +161,14 @@ def build_data(cfg: Config, dump: Path | None = None):
     import numpy as np
     import torch
 
-    from tessera.data.mixed_modal import MixedModalData, load_image_set, split_indices, text_stream
+    from tessera.data.mixed_modal import MixedModalData, PatchCodebook, load_image_set, split_indices, text_stream
     from tessera.data.paths import shared_data_dir
     from tessera.errors import InputError
 
     if cfg.setting not in ("chameleon", "transfusion"):
         raise InputError(f"unknown setting {cfg.setting!r}; use setting=chameleon or setting=transfusion")
+    if cfg.digit_tokens not in ("pixels", "patches"):
+        raise InputError(f"unknown digit_tokens {cfg.digit_tokens!r}; use digit_tokens=pixels or digit_tokens=patches")
     mnist_dir = cfg.mnist_dir or (str(shared_data_dir() / "mnist") if shared_data_dir() else None)
     images, labels = load_image_set(cfg.dataset, mnist_dir)
     train_idx, val_idx = split_indices(len(images), cfg.n_val_images, seed=0)
@@ -161,7 +177,7 @@ def build_data(cfg: Config, dump: Path | None = None):
             "augment_shift": cfg.augment_shift, "augment_gain": cfg.augment_gain}
     codes, n_codes, codes_to_images, encode = None, 0, None, None
     if cfg.setting == "chameleon":
-        if cfg.dataset == "digits":  # pixel-value tokens: 17 grey levels
+        if cfg.dataset == "digits" and cfg.digit_tokens == "pixels":  # pixel-value tokens: 17 grey levels
             codes = np.rint(images.reshape(len(images), -1) * 16).astype(np.int64)
             n_codes = 17
 
@@ -170,6 +186,10 @@ def build_data(cfg: Config, dump: Path | None = None):
 
             def encode(imgs):
                 return np.rint(imgs.reshape(len(imgs), -1) * 16).astype(np.int64)
+        elif cfg.dataset == "digits":  # one token per 2x2 patch: nearest entry of a k-means codebook
+            book = PatchCodebook.fit(images[train_idx], cfg.digit_codes, patch=2, seed=0)
+            info["codebook_reconstruction_mse"] = round(book.reconstruction_mse(images[val_idx]), 5)
+            codes, n_codes, encode, codes_to_images = book.encode(images), cfg.digit_codes, book.encode, book.decode
         else:
             from tessera.models.vq import VQTokenizer, train_vq_tokenizer
 
@@ -199,7 +219,8 @@ def build_data(cfg: Config, dump: Path | None = None):
     common = dict(codes=codes, n_image_codes=n_codes, patch_size=patch, text_fraction=cfg.text_fraction,
                   caption_first=cfg.caption_first)
     train = MixedModalData(cfg.setting, images, labels, text_stream(train_docs), augment_shift=cfg.augment_shift,
-                           augment_gain=cfg.augment_gain, encode=encode, **common)
+                           augment_gain=cfg.augment_gain, encode=encode,
+                           cond_dropout=cfg.cond_dropout if cfg.setting == "transfusion" else 0.0, **common)
     val = MixedModalData(cfg.setting, images, labels, text_stream(val_docs), **common)
     info.update(seq_len=train.seq_len, image_tokens=train.image_len, vocab_size=train.vocab.size)
     return train, val, train_idx, val_idx, codes_to_images, info
@@ -229,6 +250,10 @@ def main(cfg: Config) -> Path:
         raise InputError(f"unknown router_noise {cfg.router_noise!r}; pass router_noise=none or router_noise=gumbel")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
+    from tessera.models.diffusion import PREDICTION_TYPES
+
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"unknown prediction_type {cfg.prediction_type!r}; pass one of {', '.join(PREDICTION_TYPES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
@@ -243,9 +268,9 @@ def main(cfg: Config) -> Path:
     dump = DumpDir(dump_path, cfg) if info.is_main else None
 
     # 2. the model and its objective
-    mcfg = model_config(cfg, train_data.vocab.size, train_data.patch_dim)
+    mcfg = model_config(cfg, train_data.vocab.size, train_data.patch_dim, train_data.image_len)
     lm = MixedModalLM(mcfg, cfg.setting, diffusion_lambda=cfg.diffusion_lambda, aux_coef=cfg.aux_coef,
-                      lb_coef=cfg.lb_coef).to(info.device)
+                      lb_coef=cfg.lb_coef, prediction_type=cfg.prediction_type).to(info.device)
     decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -313,7 +338,8 @@ def main(cfg: Config) -> Path:
         results["generation"], results["captioning"] = {}, {}
         for r in routings:
             acc, imgs, labs = generation_accuracy(core, val_data, clf, cfg.sample_per_class, r, cfg.seed,
-                                                  cfg.sample_steps, codes_to_images)
+                                                  cfg.sample_steps, codes_to_images,
+                                                  guidance_scale=cfg.guidance_scale if cfg.setting == "transfusion" else 1.0)
             results["generation"][r] = round(acc, 4)
             cap_acc, rows = captioning_accuracy(core, val_data, val_idx[:cfg.n_caption_eval], r)
             results["captioning"][r] = round(cap_acc, 4)
