@@ -430,7 +430,7 @@ def main() -> None:
                          "gate_probe (sizes the default run: does dense reach the gate, and when does it plateau?)")
     ap.add_argument("--device", default="", help="'' = CUDA when present (bf16 autocast), else CPU")
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--caption-first", type=float, default=0.8,
+    ap.add_argument("--caption-first", type=float, default=0.6,
                     help="share of image-caption pairs in generation order (Transfusion: 0.8); the rest teach captioning")
     ap.add_argument("--sample-per-class", type=int, default=4)
     ap.add_argument("--caption-eval", type=int, default=100)
@@ -454,6 +454,8 @@ def main() -> None:
     ap.add_argument("--settings", default="chameleon,transfusion")
     ap.add_argument("--moma-setting", default="chameleon")
     ap.add_argument("--candidates", default="64x4,96x4,128x4", help="dense candidates D_MODELxLAYERS ('' to skip)")
+    ap.add_argument("--phases", default="mot,moma,timing",
+                    help="what follows the gate: mot (MoT vs dense, every setting), moma (grid, best, MoD inference), timing")
     ap.add_argument("--timing-steps", type=int, default=8)
     ap.add_argument("--timing-rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -483,6 +485,10 @@ def main() -> None:
     from tessera.recipes.mixed_modal_pretrain import Config, model_config
 
     out_path, runs_dir = Path(args.out), Path(args.runs_dir)
+    phases = {p for p in args.phases.split(",") if p}
+    if not phases <= {"mot", "moma", "timing"}:
+        print(f"error: unknown --phases {args.phases!r}; use a comma list of mot, moma, timing", file=sys.stderr)
+        sys.exit(2)
     dev = pick_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     base = dict(dataset="digits", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, steps=args.steps,
@@ -551,14 +557,15 @@ def main() -> None:
         print(f"{setting} gate: {json.dumps({k: v for k, v in S['gate'].items() if k != 'overfit'})}", flush=True)
         write_json(results, out_path)
         # 2. MoT, every seed
-        for seed in seeds:
+        for seed in (seeds if "mot" in phases else []):
             S["runs"][f"mot_s{seed}"] = run_one(setting, "mot", seed, sbase, runs_dir, args.reuse)
             write_json(results, out_path)
-        mot = [vs_dense(S["runs"][f"mot_s{s}"], dense[s]) for s in seeds]
-        S["mot_vs_dense"] = {"per_seed": mot, **{k: spread([m[k] for m in mot]) for k in mot[0]
-                                                 if k.startswith(("steps_ratio", "wall_ratio", "final_"))}}
+        if "mot" in phases:
+            mot = [vs_dense(S["runs"][f"mot_s{s}"], dense[s]) for s in seeds]
+            S["mot_vs_dense"] = {"per_seed": mot, **{k: spread([m[k] for m in mot]) for k in mot[0]
+                                                     if k.startswith(("steps_ratio", "wall_ratio", "final_"))}}
         # 3. MoMa grid, its best configuration on every seed, and MoD at inference (one setting)
-        if setting == args.moma_setting:
+        if setting == args.moma_setting and "moma" in phases:
             grid = {}
             for name in MOMA:
                 S["runs"][f"{name}_s{seeds[0]}"] = run = run_one(setting, name, seeds[0], sbase, runs_dir, args.reuse)
@@ -584,7 +591,8 @@ def main() -> None:
             S["mod_inference"] = {"steps_scale_for_equal_training_flops": round(ratio, 4),
                                   **mod_inference(setting, dense[seeds[0]], mod, sbase, device=dev)}
             write_json(results, out_path)
-        S["timing"] = timing_phase(setting, ["dense", "mot"], sbase, args.timing_steps, args.timing_rounds, dev)
+        if "timing" in phases:
+            S["timing"] = timing_phase(setting, ["dense", "mot"], sbase, args.timing_steps, args.timing_rounds, dev)
         write_json(results, out_path)
         plot(results, out_path.with_suffix(".png"))
     results["goals"] = goals(results, args.moma_setting)

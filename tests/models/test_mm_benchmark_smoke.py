@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,3 +35,9 @@ def test_gpu_script_smoke_runs_every_phase_on_cpu(tmp_path):
     # the causal routers skip the block for unselected tokens: fewer FLOPs per token than dense
     assert mi["flops_saving"] > 1.0 and 0.0 <= mi["selected_fraction_aux"] <= 1.0
     assert cham["settings"]["chameleon"]["runs"]["dense_mod_s0"]["steps"] > 12  # dense's training FLOPs: more steps
+
+
+def test_unknown_phase_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed_modal.py"), "--smoke", "--phases", "mot,grid",
+                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown --phases" in proc.stderr and not list(tmp_path.iterdir())
