@@ -235,7 +235,7 @@ def candidates(specs: list[str], base: dict, per_setting: dict, steps: int = 8, 
 
     rows = []
     for setting in ("chameleon", "transfusion"):
-        data, _, train_idx, _, _, _ = build_data(Config(setting=setting, **base))
+        data, _, train_idx, _, _, _ = build_data(Config(setting=setting, **{**base, **per_setting[setting]}))
         for spec in specs:
             d, L = (int(v) for v in spec.split("x"))
             c = Config(setting=setting, **{**base, **per_setting[setting], "d_model": d, "n_layers": L, "n_heads": max(4, d // 32)})
@@ -448,6 +448,7 @@ def main() -> None:
     ap.add_argument("--prediction-type", default="v_prediction", help="Transfusion: epsilon (the paper) or v_prediction")
     ap.add_argument("--cond-dropout", type=float, default=0.1, help="Transfusion: captions dropped for classifier-free guidance")
     ap.add_argument("--diffusion-lambda", type=float, default=5.0, help="Transfusion: weight of the diffusion loss (paper: 5)")
+    ap.add_argument("--snr-gamma", type=float, default=0.0, help="Transfusion: diffusion-loss weight min(1, gamma / SNR), Min-SNR clipping of low-noise steps (0 = off)")
     ap.add_argument("--guidance", type=float, default=5.0, help="Transfusion: classifier-free guidance scale for generation")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seeds", default="0,1,2")
@@ -500,7 +501,7 @@ def main() -> None:
     # the Transfusion setting's own optimisation and sampling (see the module docstring)
     per_setting = {"chameleon": {"digit_tokens": args.digit_tokens}, "transfusion": {"lr": args.lr_transfusion, "prediction_type": args.prediction_type,
                                                      "cond_dropout": args.cond_dropout, "guidance_scale": args.guidance,
-                                                     "diffusion_lambda": args.diffusion_lambda}}
+                                                     "diffusion_lambda": args.diffusion_lambda, "snr_gamma": args.snr_gamma}}
     results: dict = {
         "benchmark": "mixed_modal", "machine": {**machine(), "device": dev,
                                                 "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},

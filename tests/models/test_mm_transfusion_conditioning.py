@@ -90,3 +90,29 @@ def test_caption_dropout_must_be_a_probability():
     d = tiny_data("transfusion")
     with pytest.raises(InputError, match="cond_dropout"):
         MixedModalData("transfusion", d.images, d.labels, d.text, cond_dropout=1.0)
+
+
+def test_min_snr_weights_clip_low_noise_steps_and_weight_rows():
+    t = torch.tensor([1, 100, 500, 900, 999])
+    for pt in D.PREDICTION_TYPES:
+        sched = D.make_scheduler(1000, pt)
+        ab = sched.alphas_cumprod[t]
+        snr = ab / (1 - ab)
+        w = D.min_snr_weights(sched, t, 5.0)
+        torch.testing.assert_close(w, snr.clamp(max=5.0) / snr)  # Min-SNR-5 for epsilon
+        assert float(w[-1]) == 1.0
+        assert bool(torch.isfinite(w).all()) and float(w[0]) < 0.01  # the nearly-clean step barely counts
+    pred, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    assert float(D.diffusion_loss(pred, target, torch.tensor([1.0, 0.0]))) == 0.5  # row 2 weighted out
+    assert float(D.diffusion_loss(pred, target)) == 2.5
+
+
+def test_snr_weighting_changes_the_training_loss_not_the_reported_mse():
+    data = tiny_data("transfusion")
+    lm = tiny_lm("transfusion", data=data)
+    w_lm = MixedModalLM(lm.cfg, "transfusion", snr_gamma=5.0)
+    w_lm.load_state_dict(lm.state_dict())
+    batch = tiny_batch(data)
+    a, b = lm(batch, generator=torch.Generator().manual_seed(0)), w_lm(batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a["image_loss"], b["image_loss"])
+    assert not torch.isclose(a["model_loss"], b["model_loss"])

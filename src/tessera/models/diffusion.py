@@ -53,11 +53,25 @@ def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
 
 
-def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """DDPM simple loss (Ho et al. 2020, eq. 14): mean squared error of the predicted noise."""
+def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """DDPM simple loss (Ho et al. 2020, eq. 14): mean squared error of the prediction; ``weights`` (one per row,
+    e.g. :func:`min_snr_weights`) weight each row's mean squared error."""
     if eps_pred.numel() == 0:
         return eps_pred.sum() * 0.0
-    return F.mse_loss(eps_pred.float(), noise.float())
+    if weights is None:
+        return F.mse_loss(eps_pred.float(), noise.float())
+    per_row = (eps_pred.float() - noise.float()).pow(2).reshape(len(weights), -1).mean(1)
+    return (weights.to(per_row) * per_row).mean()
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Loss weights ``min(1, gamma / SNR)``, ``SNR = abar / (1 - abar)``: Min-SNR-gamma (Hang et al. 2023) for
+    epsilon prediction; with v-prediction the same clipping of the low-noise steps, high-noise steps (where the
+    caption decides the digit) keep full weight.  Low-noise steps, whose targets are nearly unpredictable noise,
+    stop dominating the gradient of a model that also learns text."""
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = (abar / (1.0 - abar)).clamp(min=1e-8)
+    return (gamma / snr).clamp(max=1.0)
 
 
 @torch.no_grad()

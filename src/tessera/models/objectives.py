@@ -34,7 +34,8 @@ class MixedModalLM(nn.Module):
 
     def __init__(self, cfg: MixedModalConfig, setting: str = "chameleon", diffusion_lambda: float = 5.0,
                  aux_coef: float = 1.0, lb_coef: float = 0.01, understanding_max_t: int = 500,
-                 num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS, prediction_type: str = "epsilon"):
+                 num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS, prediction_type: str = "epsilon",
+                 snr_gamma: float = 0.0):
         super().__init__()
         if setting not in SETTINGS:
             raise ValueError(f"unknown setting {setting!r}; use chameleon or transfusion")
@@ -43,7 +44,7 @@ class MixedModalLM(nn.Module):
         self.setting, self.diffusion_lambda, self.aux_coef, self.lb_coef = setting, diffusion_lambda, aux_coef, lb_coef
         self.understanding_max_t, self.num_train_timesteps = understanding_max_t, num_train_timesteps
         self.model = MixedModalTransformer(cfg)
-        self.prediction_type = prediction_type
+        self.prediction_type, self.snr_gamma = prediction_type, snr_gamma
         self.scheduler = D.make_scheduler(num_train_timesteps, prediction_type) if setting == "transfusion" else None
 
     @property
@@ -86,8 +87,12 @@ class MixedModalLM(nn.Module):
             logits = self.model.lm_head(hf[text_idx])
             lm = F.cross_entropy(logits.float(), targets.reshape(-1)[text_idx]) if text_idx.numel() else hf.sum() * 0
             eps = self.model.patch_out(hf[img])
-            diff = D.diffusion_loss(eps, D.diffusion_target(self.scheduler, xf[img], nf[img], t_tok.reshape(-1)[img]))
-            model_loss = lm + self.diffusion_lambda * diff
+            t_img = t_tok.reshape(-1)[img]
+            target = D.diffusion_target(self.scheduler, xf[img], nf[img], t_img)
+            diff = D.diffusion_loss(eps, target)  # reported: the plain mean squared error
+            weighted = D.diffusion_loss(eps, target, D.min_snr_weights(self.scheduler, t_img, self.snr_gamma)) \
+                if self.snr_gamma else diff
+            model_loss = lm + self.diffusion_lambda * weighted
             out["text_loss"], out["image_loss"] = lm, diff
         loss = model_loss
         for name, coef in (("aux_router", self.aux_coef), ("load_balance", self.lb_coef)):

@@ -92,6 +92,7 @@ class Config:
     diffusion_lambda: float = 5.0  # Transfusion lambda
     # transfusion: what the network predicts, epsilon (Transfusion) or v_prediction (v = sqrt(abar) eps - sqrt(1-abar) x0)
     prediction_type: str = "epsilon"
+    snr_gamma: float = 0.0  # transfusion: diffusion-loss weight min(1, gamma / SNR) (Min-SNR, Hang et al. 2023: 5); 0 = off
     aux_coef: float = 1.0
     lb_coef: float = 0.01  # Switch alpha
     # optimisation (AdamW beta2 0.95 and weight decay 0.1 as Chameleon/MoT; lr scaled up for tiny models)
@@ -270,7 +271,8 @@ def main(cfg: Config) -> Path:
     # 2. the model and its objective
     mcfg = model_config(cfg, train_data.vocab.size, train_data.patch_dim, train_data.image_len)
     lm = MixedModalLM(mcfg, cfg.setting, diffusion_lambda=cfg.diffusion_lambda, aux_coef=cfg.aux_coef,
-                      lb_coef=cfg.lb_coef, prediction_type=cfg.prediction_type).to(info.device)
+                      lb_coef=cfg.lb_coef, prediction_type=cfg.prediction_type,
+                      snr_gamma=cfg.snr_gamma).to(info.device)
     decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
