@@ -445,7 +445,7 @@ def main() -> None:
                     help="Chameleon image tokens: 16 codes of 2x2 patches (k-means codebook) or the 64 pixel values")
     ap.add_argument("--lr-transfusion", type=float, default=1e-3,
                     help="the Transfusion setting's peak learning rate (at 3e-3 the d64 model never learns to read its patches)")
-    ap.add_argument("--prediction-type", default="v_prediction", help="Transfusion: epsilon (the paper) or v_prediction")
+    ap.add_argument("--prediction-type", default="v_prediction", choices=("epsilon", "v_prediction"), help="Transfusion: epsilon (the paper) or v_prediction")
     ap.add_argument("--cond-dropout", type=float, default=0.1, help="Transfusion: captions dropped for classifier-free guidance")
     ap.add_argument("--diffusion-lambda", type=float, default=5.0, help="Transfusion: weight of the diffusion loss (paper: 5)")
     ap.add_argument("--snr-gamma", type=float, default=0.0, help="Transfusion: diffusion-loss weight min(1, gamma / SNR), Min-SNR clipping of low-noise steps (0 = off)")

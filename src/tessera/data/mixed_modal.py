@@ -175,7 +175,8 @@ class MixedModalData:
     ``images``: float ``[N, H, W]`` in ``[0, 1]``; ``codes``: ``[N, L]`` image-token codes for the
     Chameleon setting (``None`` for Transfusion, which uses ``patch_size`` patches scaled to [-1, 1]).
     ``text_fraction`` of the sequences are text only; of the image-caption pairs ``caption_first``
-    come caption first (Transfusion: 80%).
+    come caption first (Transfusion: 80%); ``cond_dropout`` of the caption-first pairs lose their caption
+    (``BOS BOI image EOI EOS``), the unconditional prompt of classifier-free guidance.
     """
 
     def __init__(self, setting: str, images: np.ndarray, labels: np.ndarray, text: np.ndarray,
