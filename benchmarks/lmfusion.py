@@ -148,10 +148,11 @@ def byte_bits_per_byte(run_dir: Path, text: str, window: int) -> dict:
     from tessera.models.decoder import MixedModalConfig
     from tessera.models.objectives import MixedModalLM
     from tessera.train import load_checkpoint
+    from tessera.train.checkpoint import read_checkpoint
 
-    ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = read_checkpoint(run_dir / "checkpoint")
     lm = MixedModalLM(MixedModalConfig(**ck["extra"]["model_config"]), "transfusion")
-    load_checkpoint(run_dir / "checkpoint.pt", lm)
+    load_checkpoint(run_dir / "checkpoint", lm, restore_rng=False)
     lm.eval()
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     rows = [data[i:i + window] for i in range(0, len(data) - window + 1, window)]
@@ -353,12 +354,13 @@ def main() -> None:
 
     # 3. generation without guidance for the LMFusion-style models (like-for-like with (b))
     from tessera.models.classifier import DigitClassifier
+    from tessera.train.checkpoint import load_tensors
 
     for name in ("lmfusion", "unfrozen"):
         d = Path(runs[name]["dump_dir"])
         model, mtok = LMFusionModel.load(d / "image_modules", device="cpu")
         clf = DigitClassifier()
-        clf.load_state_dict(torch.load(d / "classifier.pt", map_location="cpu"))
+        clf.load_state_dict(load_tensors(d / "classifier.safetensors"))
         by_scale = {}
         for scale in (1.0, 5.0, 8.0):
             acc, _, _ = R.generation_accuracy(model, mtok, clf, args.per_class, args.sample_steps, scale, args.seed,

@@ -274,7 +274,7 @@ def mod_inference(setting: str, dense: dict, mod: dict, base: dict, n_batches: i
     for key, run in (("dense", dense), ("mod", mod)):
         meta = json.loads((Path(run["dir"]) / "results.json").read_text())
         lm = MixedModalLM(MixedModalConfig(**meta["model_config"]), setting)
-        load_checkpoint(Path(run["dir"]) / "checkpoint.pt", lm, None)
+        load_checkpoint(Path(run["dir"]) / "checkpoint", lm, None, restore_rng=False)
         models[key] = lm.to(device).eval()
     fractions, times = [], {"dense": [], "mod": []}
     cuda = device.startswith("cuda")
@@ -451,6 +451,7 @@ def main() -> None:
     ap.add_argument("--snr-gamma", type=float, default=0.0, help="Transfusion: diffusion-loss weight min(1, gamma / SNR), Min-SNR clipping of low-noise steps (0 = off)")
     ap.add_argument("--guidance", type=float, default=5.0, help="Transfusion: classifier-free guidance scale for generation")
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-batches", type=int, default=12, help="validation batches per evaluation (more = a smoother curve)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--settings", default="chameleon,transfusion")
     ap.add_argument("--moma-setting", default="chameleon")
@@ -493,7 +494,7 @@ def main() -> None:
     dev = pick_device(args.device)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     base = dict(dataset="digits", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, steps=args.steps,
-                batch_size=args.batch_size, eval_every=args.eval_every, eval_batches=6, ckpt_every=10**9, log_every=50,
+                batch_size=args.batch_size, eval_every=args.eval_every, eval_batches=args.eval_batches, ckpt_every=10**9, log_every=50,
                 sample_per_class=args.sample_per_class, n_caption_eval=args.caption_eval, sample_steps=args.sample_steps,
                 classifier_steps=args.classifier_steps, lr=args.lr, warmup_steps=min(max(20, args.steps // 50), args.steps // 4),
                 augment_shift=1, augment_gain=0.3, caption_first=args.caption_first, threads=args.threads,

@@ -1,4 +1,4 @@
-"""Command line: ``tessera ask``, ``tessera doctor``, ``tessera models list``; one sub-app per area.
+"""Command line: ``tessera ask``, ``tessera doctor``, ``tessera models list``, ``tessera checkpoint``; one sub-app per area.
 
 Every error a user can cause prints one line (``error: ...`` saying what to do)
 and exits with code 2.
@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Embedded default models and model specs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+checkpoint_app = typer.Typer(help="Training checkpoints (safetensors + JSON folders; no pickle).", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 from tessera.attribution.cli import cite_command  # noqa: E402
 from tessera.attribution.nest_cli import nest_app  # noqa: E402
 from tessera.btx.cli import btx_app  # noqa: E402
@@ -221,6 +223,29 @@ def models_list():
         table.add_row(row["spec"], row["role"], row["model"], row["status"], row["source"])
     ui.out.print(table)
     ui.out.print("Any local model folder or cached hub id works wherever a spec is asked for.")
+
+
+@checkpoint_app.command("convert")
+def checkpoint_convert(
+    src: str = typer.Argument(..., help="An old pickle checkpoint (checkpoint.pt)."),
+    out: str = typer.Option("", "--out", help="The checkpoint folder to write (default: SRC without .pt)."),
+):
+    """Convert an old ``checkpoint.pt`` to a checkpoint folder, reading tensors only (torch's weights-only unpickler)."""
+    from tessera.train.checkpoint import convert_legacy
+
+    ui.out.print(f"wrote {convert_legacy(src, out or None)}")
+
+
+@checkpoint_app.command("show")
+def checkpoint_show(path: str = typer.Argument(..., help="A checkpoint folder.")):
+    """Print a checkpoint's loop state, extra fields and tensor counts as JSON."""
+    from tessera.train.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(path)
+    loop = {k: v for k, v in ck["state"].items() if k != "step_times"}
+    print(json.dumps({"loop": loop, "extra": ck["extra"], "model_tensors": len(ck["model"]),
+                      "model_parameters": sum(int(v.numel()) for v in ck["model"].values()),
+                      "optimizer_entries": len(ck["optimizer"]["state"]) if ck["optimizer"] else 0}, indent=1))
 
 
 def run_app(typer_app) -> None:

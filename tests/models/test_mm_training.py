@@ -126,7 +126,7 @@ def test_recipe_trains_evaluates_and_resumes(tmp_path):
     out = main(_cfg(tmp_path, setting="transfusion", variant="moma_mod"))
     res = json.loads((out / "results.json").read_text())
     assert set(res["val"]) == {"batch", "aux"} and set(res["generation"]) == {"batch", "aux"}
-    assert (out / "samples.png").is_file() and (out / "checkpoint.pt").is_file()
+    assert (out / "samples.png").is_file() and (out / "checkpoint" / "model.safetensors").is_file()
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]

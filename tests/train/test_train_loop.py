@@ -42,12 +42,12 @@ def test_checkpoint_roundtrip_and_resume_is_exact(tmp_path):
     lm_a = tiny_lm("transfusion", "mot", data)
     opt_a = torch.optim.AdamW(lm_a.parameters(), lr=1e-3)
     st = run(lm_a, opt_a, 2, LoopState())
-    save_checkpoint(tmp_path / "ck.pt", lm_a, opt_a, st, {"note": "x"})
+    save_checkpoint(tmp_path / "ck", lm_a, opt_a, st, {"note": "x"})
     st_a = run(lm_a, opt_a, 3, st)
 
     lm_b = tiny_lm("transfusion", "mot", data, seed=5)
     opt_b = torch.optim.AdamW(lm_b.parameters(), lr=1e-3)
-    st_b, extra = load_checkpoint(tmp_path / "ck.pt", lm_b, opt_b)
+    st_b, extra = load_checkpoint(tmp_path / "ck", lm_b, opt_b)
     assert st_b.step == 2 and st_b.flops == 20.0 and extra == {"note": "x"}
     st_b = run(lm_b, opt_b, 3, st_b)
     assert st_b.step == st_a.step == 3 and st_b.flops == 30.0

@@ -11,22 +11,19 @@ from pathlib import Path
 
 def get_classifier(data, train_idx, val_idx, dump: Path | None, *, steps: int, seed: int, shift: int = 0):
     """``(classifier, val_accuracy)``: the judge, a digit CNN trained on ``data.images[train_idx]`` for
-    ``steps`` steps (cached as ``dump/classifier.pt`` when ``dump`` is given)."""
-    import torch
-
+    ``steps`` steps (cached as ``dump/classifier.safetensors`` when ``dump`` is given)."""
     from tessera.models.classifier import DigitClassifier, accuracy, train_digit_classifier
+    from tessera.train.checkpoint import load_tensors, save_tensors
 
-    path = dump / "classifier.pt" if dump is not None else None
+    path = dump / "classifier.safetensors" if dump is not None else None
     if path is not None and path.is_file():
         clf = DigitClassifier()
-        clf.load_state_dict(torch.load(path, map_location="cpu"))
+        clf.load_state_dict(load_tensors(path))
         clf.eval()
     else:
         clf = train_digit_classifier(data.images[train_idx], data.labels[train_idx], steps=steps, seed=seed, shift=shift)
         if path is not None:
-            tmp = path.with_name(".classifier.pt.tmp")
-            torch.save(clf.state_dict(), tmp)
-            tmp.replace(path)
+            save_tensors(path, clf.state_dict())
     return clf, accuracy(clf, data.images[val_idx], data.labels[val_idx])
 
 

@@ -17,8 +17,8 @@ digit classifier, and image-to-text through the base model's ``generate``, score
 -> proof that the text side is untouched (logits of a freshly loaded base model on WikiText text).
 
 Dump dir: ``config.yaml``, ``metrics.jsonl`` (``kind=train|eval`` rows with ``step``, ``flops``,
-``tokens``), ``checkpoint.pt`` (trainable parameters + optimizer; resumed automatically),
-``classifier.pt``, ``image_modules/`` (the small safetensors file + config naming the base model:
+``tokens``), ``checkpoint/`` (trainable parameters + optimizer as safetensors, loop state as JSON; resumed automatically),
+``classifier.safetensors``, ``image_modules/`` (the small safetensors file + config naming the base model:
 load with ``LMFusionModel.load``), ``samples.png``, ``results.json``.
 
 Defaults are the paper's where it has one (lambda 5, 1000 DDPM steps with the cosine schedule,
@@ -185,23 +185,28 @@ def text_side_check(model, cfg: Config, tok, device: str) -> dict:
 
 
 def _save_ckpt(path: Path, model, opt, state) -> None:
-    import torch
+    """The trainable parameters (the image modules and the image FFN copies), the optimizer and the
+    loop state, as a checkpoint folder (safetensors + JSON, no pickle)."""
+    from tessera.train.checkpoint import write_checkpoint
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"trainable": trainable, "optimizer": opt.state_dict(), "state": state.to_dict()}, tmp)
-    tmp.replace(path)
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    write_checkpoint(path, trainable, opt.state_dict(), state.to_dict())
 
 
 def _load_ckpt(path: Path, model, opt):
     import torch
 
+    from tessera.errors import InputError
     from tessera.train import LoopState
+    from tessera.train.checkpoint import read_checkpoint
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(path, restore_rng=True)
     params = dict(model.named_parameters())
+    unknown = sorted(set(ck["model"]) - set(params))
+    if unknown:
+        raise InputError(f"{path} holds parameters this model lacks ({unknown[0]}, ...); resume with the same config or rerun with resume=false")
     with torch.no_grad():
-        for n, v in ck["trainable"].items():
+        for n, v in ck["model"].items():
             params[n].copy_(v)
     opt.load_state_dict(ck["optimizer"])
     return LoopState(**ck["state"])
@@ -217,6 +222,7 @@ def main(cfg: Config) -> Path:
     from tessera.models.lmfusion import PATCHERS, FlopMeter
     from tessera.models.scoring import drop_metrics_after, get_classifier, mean_val_losses, save_samples_png, validation_batches
     from tessera.train import LoopState, cosine_lr, init_distributed, train_loop, wrap_model
+    from tessera.train.checkpoint import resolve_checkpoint
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
@@ -241,13 +247,14 @@ def main(cfg: Config) -> Path:
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
 
     # 2. resume
-    ckpt = dump_path / "checkpoint.pt"
+    ckpt = dump_path / "checkpoint"
     state = LoopState()
-    if cfg.resume and ckpt.is_file():
-        state = _load_ckpt(ckpt, model, opt)
+    found = resolve_checkpoint(ckpt) if cfg.resume else None
+    if found is not None:
+        state = _load_ckpt(found, model, opt)
         if info.is_main:  # drop metric rows logged after the checkpoint
             drop_metrics_after(dump_path / "metrics.jsonl", state.step)
-        ui.info(f"resumed from {ckpt} at step {state.step}")
+        ui.info(f"resumed from {found} at step {state.step}")
     elif info.is_main:
         (dump_path / "metrics.jsonl").unlink(missing_ok=True)
     net = wrap_model(objective, info, "ddp" if info.world_size > 1 else "none", find_unused_parameters=True)

@@ -13,8 +13,8 @@ loop of :mod:`tessera.train` (DDP under torchrun, FSDP on GPU) with cumulative t
 with every metric -> validation loss on text and image tokens separately (expert-choice and MoD
 models also with their causal auxiliary routers) -> image-from-caption generation and captioning,
 scored by a digit classifier trained here.  Dump dir: ``config.yaml``, ``metrics.jsonl`` (rows
-``kind=train|eval`` with ``step``, ``flops``, ``tokens``), ``checkpoint.pt`` (resumed automatically),
-``classifier.pt``, ``vq.pt`` (MNIST + Chameleon), ``samples.png``, ``results.json``.
+``kind=train|eval`` with ``step``, ``flops``, ``tokens``), ``checkpoint/`` (safetensors + JSON; resumed automatically),
+``classifier.safetensors``, ``vq.safetensors`` (MNIST + Chameleon), ``samples.png``, ``results.json``.
 
 Defaults are CPU-sized (d_model 64, 4 layers, batch 32, 400 steps: a few minutes on one core).
 Paper scale (MoT: Chameleon 7B and 443M-1.4B; MoMa 1.4B; GPU, bf16, FSDP) is set by the model keys;
@@ -194,18 +194,18 @@ def build_data(cfg: Config, dump: Path | None = None):
         else:
             from tessera.models.vq import VQTokenizer, train_vq_tokenizer
 
-            path = dump / "vq.pt" if dump is not None else None
+            from tessera.train.checkpoint import load_tensors, save_tensors
+
+            path = dump / "vq.safetensors" if dump is not None else None
             if path is not None and path.is_file():
                 vq = VQTokenizer(n_codes=cfg.vq_codes)
-                vq.load_state_dict(torch.load(path, map_location="cpu"))
+                vq.load_state_dict(load_tensors(path))
                 vq.eval()
             else:
                 vq, mse = train_vq_tokenizer(images[train_idx], steps=cfg.vq_steps, n_codes=cfg.vq_codes, seed=cfg.seed)
                 info["vq_reconstruction_mse"] = round(mse, 5)
                 if path is not None:
-                    tmp = path.with_name(".vq.pt.tmp")
-                    torch.save(vq.state_dict(), tmp)
-                    tmp.replace(path)
+                    save_tensors(path, vq.state_dict())
             codes = torch.cat([vq.encode(torch.from_numpy(images[i:i + 1000])) for i in range(0, len(images), 1000)]).numpy()
             n_codes = cfg.vq_codes
             H, W = images.shape[1:]
@@ -242,6 +242,7 @@ def main(cfg: Config) -> Path:
     from tessera.models.sampling import captioning_accuracy, generation_accuracy
     from tessera.models.scoring import drop_metrics_after, get_classifier, mean_val_losses, save_samples_png, validation_batches
     from tessera.train import LoopState, cosine_lr, init_distributed, load_checkpoint, save_checkpoint, train_loop, unwrap, wrap_model
+    from tessera.train.checkpoint import resolve_checkpoint
 
     try:
         parse_variant(cfg.variant)
@@ -279,13 +280,14 @@ def main(cfg: Config) -> Path:
                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
     # 3. resume
-    ckpt = dump_path / "checkpoint.pt"
+    ckpt = dump_path / "checkpoint"
     state = LoopState()
-    if cfg.resume and ckpt.is_file():
-        state, _ = load_checkpoint(ckpt, lm, opt)
+    found = resolve_checkpoint(ckpt) if cfg.resume else None
+    if found is not None:
+        state, _ = load_checkpoint(found, lm, opt)
         if info.is_main:  # drop metric rows logged after the checkpoint
             drop_metrics_after(dump_path / "metrics.jsonl", state.step)
-        ui.info(f"resumed from {ckpt} at step {state.step}")
+        ui.info(f"resumed from {found} at step {state.step}")
     elif info.is_main:
         (dump_path / "metrics.jsonl").unlink(missing_ok=True)
     model = wrap_model(lm, info, cfg.distributed, blocks=list(lm.model.layers))

@@ -7,8 +7,8 @@
   autocast on GPU (fp32 on CPU), cumulative FLOPs counted by a caller-given function, a callback
   per step (logging, evaluation, checkpoints).
 - :func:`save_checkpoint` / :func:`load_checkpoint`: full (unsharded) model and optimizer state via
-  ``torch.distributed.checkpoint.state_dict`` (works for plain, DDP and FSDP models), written to a
-  temporary file and renamed.
+  ``torch.distributed.checkpoint.state_dict`` (works for plain, DDP and FSDP models), written as a
+  folder of safetensors files and JSON (no pickle), built under a temporary name and renamed.
 
 The model's ``forward(batch)`` returns a dict with ``"loss"`` (so DDP sees the whole graph).
 """
@@ -160,22 +160,27 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: LoopState,
                     extra: dict | None = None, is_main: bool = True) -> None:
-    """Full model + optimizer state and the loop state; every rank must call it (FSDP gathers), rank 0 writes."""
+    """Full model + optimizer state, the loop state and the RNG states, as a checkpoint folder
+    (safetensors + JSON, :mod:`tessera.train.checkpoint`); every rank must call it (FSDP gathers),
+    rank 0 writes."""
+    from tessera.train.checkpoint import write_checkpoint
+
     msd, osd = _state_dicts(model, optimizer)
     if not is_main:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": msd, "optimizer": osd, "state": state.to_dict(), "extra": extra or {}}, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(path, msd, osd, state.to_dict(), extra or {})
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[LoopState, dict]:
-    """Load what :func:`save_checkpoint` wrote into ``model`` (and ``optimizer``); returns ``(state, extra)``."""
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> tuple[LoopState, dict]:
+    """Load what :func:`save_checkpoint` wrote into ``model`` (and ``optimizer``); returns ``(state, extra)``.
+
+    Nothing is unpickled: a pickle or a damaged folder raises a one-line ``InputError``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    from tessera.train.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(path, restore_rng=restore_rng)
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, ck["model"], options=opts)
     if optimizer is not None and ck.get("optimizer") is not None:
