@@ -82,3 +82,34 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 
             return run_torchrun(script, *args, nproc=nproc, timeout=timeout, env=env, retries=retries - 1)
         pytest.fail(f"the {nproc}-process torchrun did not finish in {timeout} s")
     assert proc.returncode == 0, err[-3000:]
+
+
+def kill_midway(args: list[str], watch: str | Path, at_lines: int, timeout: float = 180) -> int:
+    """Run ``python -m tessera.cli ARGS`` as a child and ``kill -9`` it once ``watch`` holds
+    ``at_lines`` lines (a moment in the middle of its work).  Returns the line count seen at the
+    kill; fails the test when the child ends on its own first (the kill proved nothing)."""
+    import signal
+    import subprocess
+    import time
+
+    watch = Path(watch)
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                n = watch.read_bytes().count(b"\n")
+            except FileNotFoundError:
+                n = 0
+            if n >= at_lines:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return n
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode(errors="replace")[-1500:] if proc.stderr else ""
+    raise AssertionError(f"the child ended (rc {proc.returncode}) before {watch} had {at_lines} lines: {err}")

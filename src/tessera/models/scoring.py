@@ -74,11 +74,19 @@ def save_samples_png(images, labels: list[int], path: Path, title: str) -> None:
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
-    """On resume: keep only the rows of ``metrics.jsonl`` logged at or before the checkpoint's ``step``."""
+    """On resume: keep only the rows of ``metrics.jsonl`` logged at or before the checkpoint's ``step``
+    (rows a killed run logged after its last checkpoint, and a torn last line, are dropped)."""
     import json
 
     from tessera.config import atomic_write_text
 
     if path.is_file():
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        rows = []
+        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(ln)
         atomic_write_text(path, "".join(r + "\n" for r in rows))

@@ -269,7 +269,8 @@ def main(cfg: Config) -> Path:
                                   steps=cfg.classifier_steps, seed=cfg.seed, shift=cfg.augment_shift)
     dump = DumpDir(dump_path, cfg) if info.is_main else None
 
-    # 2. the model and its objective
+    # 2. the model and its objective (seeded here: a cached classifier must not change the draws)
+    torch.manual_seed(cfg.seed)
     mcfg = model_config(cfg, train_data.vocab.size, train_data.patch_dim, train_data.image_len)
     lm = MixedModalLM(mcfg, cfg.setting, diffusion_lambda=cfg.diffusion_lambda, aux_coef=cfg.aux_coef,
                       lb_coef=cfg.lb_coef, prediction_type=cfg.prediction_type,

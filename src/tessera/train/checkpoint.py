@@ -22,6 +22,7 @@ A kill between the two renames of a replacement leaves the previous checkpoint u
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -113,6 +114,8 @@ def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = Non
                 states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
             save_file(states, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-write or mid-swap
     return path
 
 
