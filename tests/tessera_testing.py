@@ -84,32 +84,40 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 
     assert proc.returncode == 0, err[-3000:]
 
 
-def kill_midway(args: list[str], watch: str | Path, at_lines: int, timeout: float = 180) -> int:
-    """Run ``python -m tessera.cli ARGS`` as a child and ``kill -9`` it once ``watch`` holds
-    ``at_lines`` lines (a moment in the middle of its work).  Returns the line count seen at the
-    kill; fails the test when the child ends on its own first (the kill proved nothing)."""
+def lines_at_least(path: str | Path, n: int):
+    """A ``kill_midway`` trigger: ``path`` holds at least ``n`` lines."""
+    path = Path(path)
+
+    def ready() -> bool:
+        try:
+            return path.read_bytes().count(b"\n") >= n
+        except FileNotFoundError:
+            return False
+
+    return ready
+
+
+def kill_midway(args: list[str], when, timeout: float = 180) -> None:
+    """Run ``python -m tessera.cli ARGS`` as a child and ``kill -9`` it as soon as ``when()`` is true
+    (a moment in the middle of its work).  Fails the test when the child ends on its own first
+    (the kill would prove nothing)."""
     import signal
     import subprocess
     import time
 
-    watch = Path(watch)
     proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=os.environ.copy())
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                n = watch.read_bytes().count(b"\n")
-            except FileNotFoundError:
-                n = 0
-            if n >= at_lines:
+            if when():
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                return n
+                return
             time.sleep(0.002)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     err = proc.stderr.read().decode(errors="replace")[-1500:] if proc.stderr else ""
-    raise AssertionError(f"the child ended (rc {proc.returncode}) before {watch} had {at_lines} lines: {err}")
+    raise AssertionError(f"the child ended (rc {proc.returncode}) before the moment to kill it: {err}")

@@ -124,14 +124,41 @@ def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path
         raise
 
 
-class DumpDir:
-    """A run's output folder: ``config.yaml``, ``metrics.jsonl`` (appended), ``results.json``."""
+def prune_metric_rows(path: str | Path, keep) -> None:
+    """Rewrite a ``metrics.jsonl`` (atomically) with the rows ``keep(row)`` accepts; lines that do
+    not parse as a JSON object (torn by a kill mid-write) are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    rows = []
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and keep(row):
+            rows.append(ln)
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
 
-    def __init__(self, path: str | Path, cfg: Any = None):
+
+class DumpDir:
+    """A run's output folder: ``config.yaml``, ``metrics.jsonl`` (appended), ``results.json``.
+
+    ``fresh`` (the default) starts ``metrics.jsonl`` empty, so a rerun (after a kill, or of a
+    finished run) never duplicates rows; recipes that resume mid-run pass ``fresh=False`` and
+    keep the rows their checkpoint covers (:meth:`prune_metrics`)."""
+
+    def __init__(self, path: str | Path, cfg: Any = None, fresh: bool = True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         if cfg is not None:
             atomic_write_text(self.path / "config.yaml", to_yaml(cfg))
+        if fresh:
+            (self.path / "metrics.jsonl").unlink(missing_ok=True)
+
+    def prune_metrics(self, keep) -> None:
+        """Keep only the ``metrics.jsonl`` rows ``keep(row)`` accepts (and no torn line)."""
+        prune_metric_rows(self.path / "metrics.jsonl", keep)
 
     def log(self, **metrics: Any) -> None:
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tessera.recipes import run_recipe
-from tessera_testing import kill_midway
+from tessera_testing import kill_midway, lines_at_least
 
 WALL_KEYS = ("step_s", "median_step_s", "seconds", "wall_s", "train_seconds")
 
@@ -45,12 +45,11 @@ def assert_same_run(ref: Path, run: Path, weights: str) -> None:
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-def killed_then_rerun(recipe: str, args: list[str], dump: Path, lo: int, hi: int, seed: int) -> int:
-    at = random.Random(seed).randint(lo, hi)
-    seen = kill_midway(["run", recipe, *args, f"dump_dir={dump}"], dump / "metrics.jsonl", at)
+def killed_then_rerun(recipe: str, args: list[str], dump: Path, lo: int, hi: int, seed: int) -> None:
+    at = random.Random(seed).randint(lo, hi)  # a metrics row in the middle of the run
+    kill_midway(["run", recipe, *args, f"dump_dir={dump}"], lines_at_least(dump / "metrics.jsonl", at))
     assert not (dump / "results.json").exists()
     run_recipe(recipe, None, [*args, f"dump_dir={dump}"])
-    return seen
 
 
 def test_mixed_modal_pretrain_survives_kill_9(tmp_path):
@@ -58,8 +57,7 @@ def test_mixed_modal_pretrain_survives_kill_9(tmp_path):
             "eval_every=10", "eval_batches=1", "ckpt_every=6", "log_every=1", "sample_per_class=1", "sample_steps=2",
             "n_caption_eval=4", "classifier_steps=20", "n_val_images=50", "threads=1"]
     run_recipe("mixed-modal-pretrain", None, [*args, f"dump_dir={tmp_path / 'ref'}"])
-    seen = killed_then_rerun("mixed-modal-pretrain", args, tmp_path / "run", 8, 38, seed=1)
-    assert seen < 45
+    killed_then_rerun("mixed-modal-pretrain", args, tmp_path / "run", 8, 38, seed=1)
     assert_same_run(tmp_path / "ref", tmp_path / "run", "checkpoint/model.safetensors")
 
 
@@ -81,3 +79,26 @@ def test_resume_drops_torn_and_late_metric_rows(tmp_path, torn):
     p.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + torn)
     drop_metrics_after(p, 5)
     assert [json.loads(ln)["step"] for ln in p.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_pit_survives_kill_9(tmp_path):
+    """Killed while training schedule 2: the rerun reuses schedule 1 and retrains schedule 2 from the start."""
+    args = ["n_people=8", "tiny_hidden=32", "tiny_layers=1", "tiny_vocab=400", "schedules=[1,2]", "doc_epochs=1",
+            "qa_epochs=1", "keep_qa=4", "batch_size=16", "eval_train_qa=0", "max_new_tokens=6", "references=false", "threads=1"]
+    run_recipe("pit", None, [*args, f"dump_dir={tmp_path / 'ref'}"])
+    per_schedule = [sum(r.get("schedule") == n for r in _rows(tmp_path / "ref")) for n in (1, 2)]
+    assert per_schedule[1] >= 3
+    dump = tmp_path / "run"
+    # killed once schedule 2 has logged a row or two: those rows must not come back twice
+    at = per_schedule[0] + random.Random(3).randint(1, per_schedule[1] - 1)
+    kill_midway(["run", "pit", *args, f"dump_dir={dump}"], lines_at_least(dump / "metrics.jsonl", at))
+    assert (dump / "schedules.jsonl").read_text().count("\n") == 1
+    assert not (dump / "results.json").exists()
+    run_recipe("pit", None, [*args, f"dump_dir={dump}"])
+    rows = sorted(json.dumps(r, sort_keys=True) for r in _rows(dump))
+    assert rows == sorted(json.dumps(r, sort_keys=True) for r in _rows(tmp_path / "ref"))  # none lost, none twice
+    res = {d: _no_wall(json.loads((tmp_path / d / "results.json").read_text())) for d in ("ref", "run")}
+    for r in res["ref"], res["run"]:
+        r["config"].pop("dump_dir")
+    assert res["run"] == res["ref"]
+    assert not list(dump.glob("pit-*"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,19 @@ def train_expert(seed_model: str, domain: Domain, out: str | Path, settings: Tra
     return out
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): the kernel kills it when the process that started it dies,
+    so a ``kill -9`` of the recipe leaves no expert training on behind it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def expert_command(spec_file: Path, launcher: str = "python", nproc: int = 1) -> list[str]:
     if launcher == "python":
         return [sys.executable, "-m", "tessera.btx.branch", "--spec", str(spec_file)]
@@ -100,6 +114,8 @@ def branch_train(seed_model: str, domains: list[Domain], out_root: str | Path, s
     out_root.mkdir(parents=True, exist_ok=True)
     if max_parallel <= 0:
         max_parallel = max(1, (os.cpu_count() or 1) // max(1, threads_per_expert))
+    for stale in [*out_root.glob(".expert-*.trainer-*"), *out_root.glob(".expert-*.tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # scratch of experts a killed run left unfinished
     jobs = []
     for d in domains:
         folder = expert_dir(out_root, d)
@@ -137,7 +153,8 @@ def branch_train(seed_model: str, domains: list[Domain], out_root: str | Path, s
                 time.sleep(0.2)
         log = open(out_root / f"log-{d.name}.txt", "w")
         ui.info(f"expert {d.name}: training in a new process")
-        p = subprocess.Popen(expert_command(spec_file, launcher, nproc), stdout=log, stderr=subprocess.STDOUT, env=proc_env)
+        p = subprocess.Popen(expert_command(spec_file, launcher, nproc), stdout=log, stderr=subprocess.STDOUT, env=proc_env,
+                             preexec_fn=_die_with_parent)
         running.append((d, p, log))
     while running:
         reap(True)

@@ -76,17 +76,6 @@ def save_samples_png(images, labels: list[int], path: Path, title: str) -> None:
 def drop_metrics_after(path: Path, step: int) -> None:
     """On resume: keep only the rows of ``metrics.jsonl`` logged at or before the checkpoint's ``step``
     (rows a killed run logged after its last checkpoint, and a torn last line, are dropped)."""
-    import json
+    from tessera.config import prune_metric_rows
 
-    from tessera.config import atomic_write_text
-
-    if path.is_file():
-        rows = []
-        for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(ln)
-            except json.JSONDecodeError:  # a line torn by a kill mid-write
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-                rows.append(ln)
-        atomic_write_text(path, "".join(r + "\n" for r in rows))
+    prune_metric_rows(path, lambda r: isinstance(r.get("step"), int) and r["step"] <= step)

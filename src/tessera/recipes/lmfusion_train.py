@@ -243,7 +243,7 @@ def main(cfg: Config) -> Path:
     clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
                                   steps=cfg.classifier_steps, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # training draws do not depend on whether the classifier was cached
-    dump = DumpDir(dump_path, cfg) if info.is_main else None
+    dump = DumpDir(dump_path, cfg, fresh=False) if info.is_main else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
 

@@ -267,7 +267,7 @@ def main(cfg: Config) -> Path:
     train_data, val_data, train_idx, val_idx, codes_to_images, data_info = build_data(cfg, dump_path if info.is_main else None)
     clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
                                   steps=cfg.classifier_steps, seed=cfg.seed, shift=cfg.augment_shift)
-    dump = DumpDir(dump_path, cfg) if info.is_main else None
+    dump = DumpDir(dump_path, cfg, fresh=False) if info.is_main else None
 
     # 2. the model and its objective (seeded here: a cached classifier must not change the draws)
     torch.manual_seed(cfg.seed)

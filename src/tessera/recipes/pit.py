@@ -181,7 +181,7 @@ def main(cfg: Config) -> Path:
         check_schedule(s)
     t_start = time.perf_counter()
     kset = load_data(cfg)
-    dump = DumpDir(cfg.dump_dir, cfg)
+    dump = DumpDir(cfg.dump_dir, cfg, fresh=False)
     model, tok = load_model(cfg, kset)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     encoded = encode_all(tok, kset, cfg.max_length, cfg.qa_format)
@@ -202,6 +202,11 @@ def main(cfg: Config) -> Path:
 
     fp = _fingerprint(cfg)
     previous = _previous_references(dump.path / "results.json", fp) if cfg.references else None
+    done = _done_rows(dump.path / "schedules.jsonl", fp)
+    # a rerun (after a kill, say) keeps the metric rows of what it reuses and nothing else
+    dump.prune_metrics(lambda r: r.get("schedule") in done or (bool(previous) and r.get("stage") == "references"))
+    for stale in dump.path.glob("pit-*"):  # the training folder of a schedule a kill interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     if previous:
         results["references"] = previous
     elif cfg.references:
@@ -213,7 +218,6 @@ def main(cfg: Config) -> Path:
 
     results["references"]["majority_answer"] = _brief(majority_baseline(kset.train_qa, test_qa))
     rows_path = dump.path / "schedules.jsonl"
-    done = _done_rows(rows_path, fp)
     with ui.progress() as bar:
         task = bar.add_task("PIT schedules", total=len(cfg.schedules))
         for number in cfg.schedules:
