@@ -107,3 +107,48 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("run", "btx-finetune", f"model={tmp_path / 'none'}")
     assert r.returncode == 2 and "btx mix" in r.stderr
+
+
+def test_branch_survives_kill_9(branched, tiny_lm_dir, corpus, tmp_path):
+    """``kill -9`` of btx-branch while its second expert trains: the expert's process dies
+    with it (no orphan trains on), and the rerun trains only the missing expert, bit-identical to
+    the uninterrupted run's."""
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from tessera_testing import kill_midway
+
+    from tessera.recipes import run_recipe
+
+    dump = tmp_path / "branch"
+    args = [f"seed_model={tiny_lm_dir}", f"domains=[docs:python-docs,food:{corpus}]", "steps=3", "batch_size=2",
+            "seq_len=32", "lr=1e-2", "max_parallel=1", f"dump_dir={dump}"]
+    spec = str(dump / "experts" / "spec-food.json")
+
+    def orphans():
+        found = []
+        for p in Path("/proc").glob("[0-9]*"):
+            try:
+                if spec in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(p.name)
+            except OSError:
+                pass
+        return found
+
+    kill_midway(["run", "btx-branch", *args], lambda: bool(orphans()))  # the second expert is training
+    deadline = time.monotonic() + 10
+    while orphans() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not orphans(), "an expert process outlived the killed recipe"
+    assert not (dump / "experts" / "expert-food").exists() and not (dump / "results.json").exists()
+    run_recipe("btx-branch", None, args)
+    res, ref = (json.loads((d / "results.json").read_text()) for d in (dump, branched))
+    assert [r["domain"] for r in res["experts"]] == ["docs", "food"]
+    rows = [json.loads(ln) for ln in (dump / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(ln) for ln in (branched / "metrics.jsonl").read_text().splitlines()]  # once each
+    for name in ("docs", "food"):
+        a = load_file(str(dump / "experts" / f"expert-{name}" / "model.safetensors"))
+        b = load_file(str(branched / "experts" / f"expert-{name}" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    assert not [p.name for p in (dump / "experts").iterdir() if p.name.startswith(".")]
