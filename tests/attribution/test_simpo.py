@@ -89,3 +89,42 @@ def test_recipe_bad_input(tmp_path, tiny_lm_dir):
                                            f"dump_dir={tmp_path / 'r'}"])
     with pytest.raises(InputError, match="outside"):
         run_recipe("selfcite-simpo", None, [f"lm={tiny_lm_dir}", f"data={data}", "train_end=30", f"dump_dir={tmp_path / 'r'}"])
+
+
+def test_recipe_survives_kill_9(tiny_lm_dir, tmp_path):
+    """Killed after the first preference pair: the rerun builds the missing pairs as an uninterrupted
+    run does (pairs seeded per example), trains and evaluates to the same result."""
+    from tessera_testing import kill_midway, lines_at_least
+
+    from tessera.recipes import run_recipe
+
+    data = write_tiny_hotpot(tmp_path / "hotpot.json", n=4)
+    args = [f"lm={tiny_lm_dir}", f"data={data}", "train_start=0", "train_end=3", "eval_start=3", "eval_end=4",
+            "max_steps=2", "best_of=4", "max_new_tokens=64", "max_distractors=-1", "max_sentences_per_paragraph=-1",
+            "learning_rate=1e-4", "save_model=false", "threads=1"]
+    run_recipe("selfcite-simpo", None, [*args, f"dump_dir={tmp_path / 'ref'}"])
+    dump = tmp_path / "run"
+    kill_midway(["run", "selfcite-simpo", *args, f"dump_dir={dump}"], lines_at_least(dump / "pairs.jsonl", 1))
+    assert not (dump / "results.json").exists()
+    with open(dump / "pairs.jsonl", "ab") as f:  # as if the kill had torn the next line
+        f.write(b'{"id": "torn')
+    run_recipe("selfcite-simpo", None, [*args, f"dump_dir={dump}"])
+
+    def pairs(d):
+        return sorted((json.loads(ln) for ln in (d / "pairs.jsonl").read_text().splitlines() if ln.startswith('{"id": "')
+                       and ln.endswith("}")), key=lambda r: r["id"])
+
+    assert pairs(dump) == pairs(tmp_path / "ref") and len(pairs(dump)) == 3
+
+    def result(d):
+        res = json.loads((d / "results.json").read_text())
+        for k in ("seconds", "config"):
+            res.pop(k)
+        for part in res.values():
+            if isinstance(part, dict):
+                part.pop("seconds", None)
+        return res
+
+    assert result(dump) == result(tmp_path / "ref")
+    stages = [json.loads(ln)["stage"] for ln in (dump / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("eval_before") == 1 and stages.count("pairs") == 1 and stages[-1] == "eval_after"

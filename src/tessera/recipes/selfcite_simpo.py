@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,6 +119,7 @@ def main(cfg: Config) -> Path:
     from tessera.attribution.metrics import mean_scores
     from tessera.attribution.simpo import PreferencePair, train_simpo
     from tessera.config import DumpDir, atomic_dir
+    from tessera.data.jsonl import append_jsonl
     from tessera.data.qa import read_hotpotqa
     from tessera.lm import LocalLM
 
@@ -146,22 +149,23 @@ def main(cfg: Config) -> Path:
     pairs_path = dump.path / "pairs.jsonl"
     done: dict[str, dict] = {}
     if pairs_path.is_file():
-        for line in pairs_path.read_text(encoding="utf-8").splitlines():
+        for line in pairs_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
                 done[row["id"]] = row
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by an interruption: rebuild that example
-    rng = random.Random(cfg.seed)
     t = time.perf_counter()
     with ui.progress() as bar:
         task = bar.add_task("preference pairs", total=len(train))
         for ex in train:
             if ex.id not in done:
-                pair, info = build_pair(lm, ex, cfg, rng)
+                # seeded per example, so a resumed run builds the pairs an uninterrupted one would
+                ex_seed = zlib.crc32(f"{cfg.seed}:{ex.id}".encode())
+                torch.manual_seed(ex_seed)
+                pair, info = build_pair(lm, ex, cfg, random.Random(ex_seed))
                 row = {"id": ex.id, "pair": pair.to_dict() if pair else None, **info}
-                with open(pairs_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(pairs_path, row)  # a line torn by a kill is skipped above and rebuilt
                 done[ex.id] = row
             bar.advance(task)
     pairs = [PreferencePair.from_dict(done[e.id]["pair"]) for e in train if done[e.id].get("pair")]
@@ -171,6 +175,9 @@ def main(cfg: Config) -> Path:
     dump.log(stage="pairs", **results["pairs"])
 
     t = time.perf_counter()
+    for stale in dump.path.glob("simpo-*"):  # the trainer folder of a run killed mid-training
+        shutil.rmtree(stale, ignore_errors=True)
+    torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="simpo-", dir=dump.path) as tmp:
         model, history = train_simpo(lm.model, lm.tokenizer, pairs, tmp, beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio,
                                      learning_rate=cfg.learning_rate, epochs=cfg.epochs, max_steps=cfg.max_steps,
