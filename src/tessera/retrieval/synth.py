@@ -360,7 +360,10 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
     if not corpus:
         raise EmptyCorpusError("no documents to synthesize from; check the corpus and the length filters")
     done = finished_ids(out)
-    jobs = [(d, s) for d in docs for s in cfg.stages if f"{d.id}/{s}" not in done]
+    # chunks (and their seeds) are cut from the whole job list, finished or not, so a resumed run
+    # generates each remaining row exactly as an uninterrupted run would
+    all_jobs = [(d, s) for d in docs for s in cfg.stages]
+    jobs = [(d, s) for d, s in all_jobs if f"{d.id}/{s}" not in done]
     run = {"jobs": len(jobs), "skipped_finished": len(docs) * len(cfg.stages) - len(jobs), "written": 0, "failed": 0,
            "new_tokens": 0, "seconds": 0.0}
     if not jobs:
@@ -368,10 +371,12 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
     texts = [d.full_text for d in corpus]
     row_of = {d.id: i for i, d in enumerate(corpus)}
     bm25 = BM25Index.build(texts)
-    rng = random.Random(cfg.seed)
     tok0, t0 = backend.stats.new_tokens, time.perf_counter()
-    for c, start in enumerate(range(0, len(jobs), cfg.chunk_size)):
-        chunk = jobs[start:start + cfg.chunk_size]
+    n_done = 0
+    for c, start in enumerate(range(0, len(all_jobs), cfg.chunk_size)):
+        chunk = [(d, s) for d, s in all_jobs[start:start + cfg.chunk_size] if f"{d.id}/{s}" not in done]
+        if not chunk:
+            continue
         seed = cfg.seed * 100_003 + c
         made = []
         for stage, job in (("hq", _hq_job), ("vl", _vl_job)):
@@ -396,7 +401,7 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
             pos = row_of.get(d.id)
             if pos is None:
                 raise InputError(f"document {d.id} is not in the corpus that hard negatives are mined from")
-            neg, rank, source = bm25_hard_negative(hits[g], pos, texts, cfg.min_neg_rank, rng)
+            neg, rank, source = bm25_hard_negative(hits[g], pos, texts, cfg.min_neg_rank, random.Random(f"{cfg.seed}:{rid}"))
             negs = [["", texts[neg]]]
             meta = {"domain": value.get("domain"), "key_concepts": _listify(value.get("key_concepts")),
                     "reasoning_patterns": _listify(value.get("reasoning_patterns")), "parse": method,
@@ -413,8 +418,9 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
             append_jsonl(out, {"id": rid, "doc_id": d.id, "stage": stage, "query": [cfg.instruction, str(value["query"]).strip()],
                                "pos": [["", texts[pos]]], "neg": negs, "meta": meta})
             run["written"] += 1
+        n_done += len(chunk)
         if progress is not None:
-            progress(min(start + cfg.chunk_size, len(jobs)), len(jobs))
+            progress(n_done, len(jobs))
     run["new_tokens"] = backend.stats.new_tokens - tok0
     run["seconds"] = round(time.perf_counter() - t0, 2)
     run["tokens_per_s"] = round(run["new_tokens"] / run["seconds"], 3) if run["seconds"] else 0.0
