@@ -77,8 +77,14 @@ def test_mix_cli_then_finetune_recipe_gives_a_routed_mixtral(branched, tmp_path)
     gate = AutoModelForCausalLM.from_pretrained(moe).model.layers[0].mlp.gate.weight
     assert torch.allclose(gate.norm(dim=-1), torch.ones(2), atol=1e-5)  # hidden-state init: unit-norm rows
     dump = tmp_path / "ft"
-    run_recipe("btx-finetune", None, [f"model={moe}", f"domains=[docs:python-docs,food:{experts_corpus(branched)}]",
-                                      "steps=3", "batch_size=2", "seq_len=32", "eval_blocks=2", "lr=1e-2", f"dump_dir={dump}"])
+    args = [f"model={moe}", f"domains=[docs:python-docs,food:{experts_corpus(branched)}]", "steps=3", "batch_size=2",
+            "seq_len=32", "eval_blocks=2", "lr=1e-2", f"dump_dir={dump}"]
+    # first a run killed (-9) while the trainer runs: the rerun below trains afresh over its leftovers
+    from tessera_testing import kill_midway
+
+    kill_midway(["run", "btx-finetune", *args], lambda: (dump / "trainer").is_dir())
+    assert not (dump / "model").exists() and not (dump / "results.json").exists()
+    run_recipe("btx-finetune", None, args)
     res = json.loads((dump / "results.json").read_text())
     assert set(res["heldout_perplexity"]) == {"docs", "food"} and all(v > 1 for v in res["heldout_perplexity"].values())
     assert (dump / "routing.png").stat().st_size > 1000
@@ -90,6 +96,7 @@ def test_mix_cli_then_finetune_recipe_gives_a_routed_mixtral(branched, tmp_path)
     assert out.shape[1] > 3
     lines = (dump / "metrics.jsonl").read_text().splitlines()
     assert any("balance_loss" in json.loads(x) for x in lines)
+    assert len(lines) == len(set(lines))  # no row twice after the kill
     r = run_cli("--quiet", "btx", "route", str(dump / "model"), "-d", "docs:python-docs", "--blocks", "2", "--seq-len", "32",
                 "--out", str(tmp_path / "r.png"))
     assert r.returncode == 0, r.stderr

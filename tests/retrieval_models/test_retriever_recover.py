@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tessera_testing import kill_midway
 
 from tessera.errors import InputError
 from tessera.retrieval import prune as P
@@ -65,13 +66,20 @@ def test_recovery_bad_input(tiny_llama8_dir):
 def test_prune_recipe_with_continued_pretraining(tiny_llama8_dir, tmp_path):
     from tessera.recipes import run_recipe
 
-    dump = run_recipe("retrieval-prune", overrides=[
-        f"model={tiny_llama8_dir}", "target_ratio=0.5", "calibration=python-docs", "n_samples=4", "seq_len=32",
-        "eval_samples=2", "cpt_steps=4", "cpt_text=python-docs", "cpt_batch_size=2", "cpt_seq_len=32",
-        f"dump_dir={tmp_path / 'run'}"])
+    args = [f"model={tiny_llama8_dir}", "target_ratio=0.5", "calibration=python-docs", "n_samples=4", "seq_len=32",
+            "eval_samples=2", "cpt_steps=4", "cpt_text=python-docs", "cpt_batch_size=2", "cpt_seq_len=32",
+            f"dump_dir={tmp_path / 'run'}"]
+    # first a run killed (-9) during continued pretraining: the rerun prunes and recovers afresh
+    kill_midway(["run", "retrieval-prune", *args], lambda: "cpt_step" in ((tmp_path / "run" / "metrics.jsonl").read_text()
+                                                                          if (tmp_path / "run" / "metrics.jsonl").is_file() else ""))
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "results.json").exists()
+    dump = run_recipe("retrieval-prune", overrides=args)
     res = json.loads((dump / "results.json").read_text())
     assert res["recovery"]["steps"] == 4 and res["recovery"]["distill"] == "hidden"
     assert res["recovery"]["hidden_cos_after"] is not None
     rows = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
     assert any("cpt_loss" in r for r in rows)
+    steps = [r["cpt_step"] for r in rows if "cpt_step" in r]
+    layers = [r["layer"] for r in rows if "layer" in r]
+    assert len(steps) == len(set(steps)) and len(layers) == len(set(layers)) == 8  # no row twice after the kill
     assert (dump / "model" / "model.safetensors").is_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from retrieval_synthetic import ndcg_at_10
-from tessera_testing import run_torchrun
+from tessera_testing import kill_midway, lines_at_least, run_torchrun
 from tessera.data.types import Collection, Document, Query
 from tessera.errors import DataFormatError, InputError
 from tessera.retrieval import train as T
@@ -89,12 +89,16 @@ def test_recipe_with_gradcache_and_matryoshka(tiny_lm_dir, synthetic, tmp_path):
     from tessera.recipes import run_recipe
 
     data = _write(tmp_path / "train.jsonl", synthetic[0])
-    dump = run_recipe("retrieval-train", overrides=[
-        f"data={data}", f"backbone={tiny_lm_dir}", f"dump_dir={tmp_path / 'run'}", "steps=4", "batch_size=8",
-        "mini_batch_size=4", "matryoshka_dims=[32,16]", "lr=1e-3", "logging_steps=1", "max_seq_length=32"])
+    args = [f"data={data}", f"backbone={tiny_lm_dir}", f"dump_dir={tmp_path / 'run'}", "steps=4", "batch_size=8",
+            "mini_batch_size=4", "matryoshka_dims=[32,16]", "lr=1e-3", "logging_steps=1", "max_seq_length=32"]
+    # first a run killed (-9) mid-training: the rerun below starts the training afresh over its leftovers
+    kill_midway(["run", "retrieval-train", *args], lines_at_least(tmp_path / "run" / "metrics.jsonl", 1))
+    assert not (tmp_path / "run" / "model").exists() and any((tmp_path / "run").glob(".trainer-*"))
+    dump = run_recipe("retrieval-train", overrides=args)
     assert {"config.yaml", "metrics.jsonl", "results.json", "model"} <= {p.name for p in dump.iterdir()}
     logged = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) >= 4 and all("loss" in r and "step" in r for r in logged)
+    assert len({r["step"] for r in logged}) == len(logged)  # no row twice after the kill
     res = json.loads((dump / "results.json").read_text())
     assert res["steps"] == 4 and res["examples"] == len(synthetic[0]) and res["prompt_style"] == "reasonir"
     model = SentenceTransformer(str(dump / "model"), device="cpu")

@@ -93,6 +93,9 @@ def main(cfg: Config) -> Path:
 
     # 4. train (the dump dir is created only now, so bad input leaves nothing behind)
     dump = DumpDir(cfg.dump_dir, cfg) if main_rank else None
+    if main_rank:  # the trainer scratch of a run killed mid-training
+        for stale in Path(cfg.dump_dir).glob(".trainer-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix=".trainer-", dir=Path(cfg.dump_dir))) if main_rank else Path(tempfile.mkdtemp())
     try:
         stats = T.train_retriever(model, train_dataset, prompts, loss, scratch, steps=cfg.steps, batch_size=cfg.batch_size,
