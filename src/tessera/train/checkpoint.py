@@ -92,12 +92,22 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def rng_states() -> dict:
+    """This process's torch RNG states: ``{"cpu": ..., "cuda0": ...}``."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
 def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = None, state: dict | None = None,
-                     extra: dict | None = None, rng: bool = True) -> Path:
+                     extra: dict | None = None, rng: bool | dict = True) -> Path:
     """Write a checkpoint folder at ``path`` (replacing one that is there, atomically).
 
     ``model`` maps names to tensors; ``optimizer`` is an optimizer state dict (plain or from
     ``torch.distributed.checkpoint.state_dict``); ``state`` and ``extra`` must be JSON-able.
+    ``rng``: ``True`` saves this process's RNG states, a dict saves the given ones (every rank's:
+    ``{"cpu@0": ..., "cpu@1": ...}``), ``False`` none.
     """
     from safetensors.torch import save_file
 
@@ -109,10 +119,7 @@ def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = Non
             tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
             save_file(_unalias(tensors), str(tmp / "optimizer.safetensors"))
         if rng:
-            states = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-            save_file(states, str(tmp / "rng.safetensors"))
+            save_file(rng if isinstance(rng, dict) else rng_states(), str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-write or mid-swap
@@ -143,11 +150,12 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: str | Path, restore_rng: bool = False) -> dict:
+def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) -> dict:
     """Read a checkpoint folder: ``{"model", "optimizer", "state", "extra"}`` (tensors on CPU).
 
     Anything that is not this format (a pickle, a truncated or foreign file) raises a one-line
-    :class:`InputError`; no byte of it is unpickled.  ``restore_rng`` sets torch's RNG states.
+    :class:`InputError`; no byte of it is unpickled.  ``restore_rng`` sets torch's RNG states
+    (``rank``'s own where every rank's were saved).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -183,6 +191,8 @@ def read_checkpoint(path: str | Path, restore_rng: bool = False) -> dict:
         opt = _unflatten_optimizer(load("optimizer.safetensors") or {}, meta["optimizer"])
     if restore_rng:
         rng = load("rng.safetensors") or {}
+        if f"cpu@{rank}" in rng:  # saved per rank: take this rank's
+            rng = {k.split("@")[0]: v for k, v in rng.items() if k.endswith(f"@{rank}")}
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]

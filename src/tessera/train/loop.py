@@ -163,12 +163,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Full model + optimizer state, the loop state and the RNG states, as a checkpoint folder
     (safetensors + JSON, :mod:`tessera.train.checkpoint`); every rank must call it (FSDP gathers),
     rank 0 writes."""
-    from tessera.train.checkpoint import write_checkpoint
+    from tessera.train.checkpoint import rng_states, write_checkpoint
 
     msd, osd = _state_dicts(model, optimizer)
+    rng: bool | dict = True
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # every rank's RNG states
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rng_states())
+        rng = {f"{k}@{r}": v for r, states in enumerate(gathered) for k, v in states.items()}
     if not is_main:
         return
-    write_checkpoint(path, msd, osd, state.to_dict(), extra or {})
+    write_checkpoint(path, msd, osd, state.to_dict(), extra or {}, rng=rng)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -180,9 +185,19 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
     from tessera.train.checkpoint import read_checkpoint
 
-    ck = read_checkpoint(path, restore_rng=restore_rng)
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, ck["model"], options=opts)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    ck = read_checkpoint(path, restore_rng=restore_rng, rank=rank)
+    set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
     if optimizer is not None and ck.get("optimizer") is not None:
-        set_optimizer_state_dict(model, optimizer, ck["optimizer"], options=opts)
+        # a parameter that never had a gradient (an expert no token reached yet) has no optimizer
+        # state to restore: that is the only mismatch allowed (strict=False); unknown names are refused
+        names = {n for n, _ in unwrap(model).named_parameters()}
+        unknown = sorted(str(k) for k in ck["optimizer"]["state"] if isinstance(k, str) and k not in names)
+        if unknown:
+            from tessera.errors import InputError
+
+            raise InputError(f"{path}: optimizer state for parameters this model lacks ({unknown[0]}, ...); "
+                             "resume with the same model config or rerun with resume=false")
+        set_optimizer_state_dict(model, optimizer, ck["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     return LoopState(**ck["state"]), ck.get("extra", {})
