@@ -124,6 +124,11 @@ def atomic_dir(out: str | Path, *, keep_existing: bool = False) -> Iterator[Path
         raise
 
 
+def is_main_process() -> bool:
+    """Rank 0 under ``torchrun`` (``RANK``), or a plain single process: the one that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prune_metric_rows(path: str | Path, keep) -> None:
     """Rewrite a ``metrics.jsonl`` (atomically) with the rows ``keep(row)`` accepts; lines that do
     not parse as a JSON object (torn by a kill mid-write) are dropped."""
@@ -150,7 +155,10 @@ class DumpDir:
 
     def __init__(self, path: str | Path, cfg: Any = None, fresh: bool = True):
         self.path = Path(path)
+        self.main = is_main_process()  # under torchrun only rank 0 writes; the other ranks' calls do nothing
         self.path.mkdir(parents=True, exist_ok=True)
+        if not self.main:
+            return
         if cfg is not None:
             atomic_write_text(self.path / "config.yaml", to_yaml(cfg))
         if fresh:
@@ -158,13 +166,18 @@ class DumpDir:
 
     def prune_metrics(self, keep) -> None:
         """Keep only the ``metrics.jsonl`` rows ``keep(row)`` accepts (and no torn line)."""
-        prune_metric_rows(self.path / "metrics.jsonl", keep)
+        if self.main:
+            prune_metric_rows(self.path / "metrics.jsonl", keep)
 
     def log(self, **metrics: Any) -> None:
+        if not self.main:
+            return
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
 
     def write_results(self, results: dict) -> Path:
         out = self.path / "results.json"
+        if not self.main:
+            return out
         atomic_write_text(out, json.dumps(results, indent=2))
         return out

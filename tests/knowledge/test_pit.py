@@ -285,3 +285,20 @@ def test_gate_curve_follows_the_test_document_stage(tmp_path):
     assert pit._fingerprint(replace(cfg, gate_curve=0)) != pit._fingerprint(cfg)
     assert pit._fingerprint(replace(cfg, gate_curve=0)) == pit._fingerprint(
         {k: v for k, v in pit.asdict(replace(cfg, gate_curve=0)).items() if k != "gate_curve"})
+
+
+def test_under_torchrun_only_rank_0_writes(tmp_path):
+    """Two gloo processes run the recipe (HF Trainer DDP): every output is written once, by rank 0."""
+    from tessera_testing import run_torchrun
+
+    import tessera.cli
+
+    dump = tmp_path / "run"
+    run_torchrun(tessera.cli.__file__, "run", "pit", "n_people=8", "tiny_hidden=32", "tiny_layers=1", "tiny_vocab=400",
+                 "schedules=[1]", "doc_epochs=1", "qa_epochs=1", "keep_qa=4", "batch_size=16", "eval_train_qa=0",
+                 "max_new_tokens=6", "references=false", "threads=1", f"dump_dir={dump}", timeout=240)
+    assert len((dump / "schedules.jsonl").read_text().splitlines()) == 1
+    rows = (dump / "metrics.jsonl").read_text().splitlines()
+    assert rows and len(rows) == len(set(rows))  # two writers would log every row twice
+    assert json.loads((dump / "results.json").read_text())["schedules"][0]["schedule"] == 1
+    assert (dump / "em.png").is_file() and not list(dump.glob("pit-*"))

@@ -78,15 +78,17 @@ def main(cfg: Config) -> Path:
     with ui.status(f"MoE finetuning ({cfg.routing}, balance={cfg.balance})"):
         model, history = train_model(model, mixture, Path(cfg.dump_dir) / "trainer", settings, moe=True, balance=cfg.balance,
                                      balance_coef=cfg.balance_coef, routing=cfg.routing)
-    shutil.rmtree(Path(cfg.dump_dir) / "trainer", ignore_errors=True)
     for r in history:
         dump.log(**r)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    if dump.main:  # under torchrun only rank 0 writes
+        shutil.rmtree(Path(cfg.dump_dir) / "trainer", ignore_errors=True)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     ppl = {name: perplexity(model, blocks) for name, blocks in held.items()}
     fractions = domain_routing(model, held)
-    plot_routing_heatmap(fractions, Path(cfg.dump_dir) / "routing.png")
+    if dump.main:
+        plot_routing_heatmap(fractions, Path(cfg.dump_dir) / "routing.png")
     dump.write_results({"model": str(out), "routing": cfg.routing, "balance": cfg.balance, "frozen_expert_params": n_frozen,
                         "heldout_perplexity": ppl, "average_perplexity": sum(ppl.values()) / len(ppl),
                         "routing_fractions": fractions, "heatmap": str(Path(cfg.dump_dir) / "routing.png")})

@@ -205,7 +205,7 @@ def main(cfg: Config) -> Path:
     done = _done_rows(dump.path / "schedules.jsonl", fp)
     # a rerun (after a kill, say) keeps the metric rows of what it reuses and nothing else
     dump.prune_metrics(lambda r: r.get("schedule") in done or (bool(previous) and r.get("stage") == "references"))
-    for stale in dump.path.glob("pit-*"):  # the training folder of a schedule a kill interrupted
+    for stale in dump.path.glob("pit-*") if dump.main else []:  # a schedule's folder a kill interrupted
         shutil.rmtree(stale, ignore_errors=True)
     if previous:
         results["references"] = previous
@@ -256,7 +256,7 @@ def main(cfg: Config) -> Path:
 
                 return [eval_at_fractions([(i + 1) / cfg.gate_curve for i in range(cfg.gate_curve)], point)]
 
-            with tempfile.TemporaryDirectory(prefix="pit-", dir=dump.path) as tmp:
+            with tempfile.TemporaryDirectory(prefix="pit-", dir=dump.path if dump.main else None) as tmp:
                 history = run_plan(model, tok, plan, encoded, settings, tmp, on_stage=after_stage, callbacks_for=callbacks_for)
             if gate and curve:
                 gate["curve"] = curve
@@ -268,15 +268,18 @@ def main(cfg: Config) -> Path:
                    "train_qa": _brief(train) if train else None,
                    "train_seconds": t_train, "seconds": time.perf_counter() - t}
             dump.log(schedule=number, test_em=test["em"], test_recall=test["recall"], train_qa_em=train["em"] if train else None)
-            if cfg.save_models:
-                _save_model(model, tok, dump.path / f"model-{number}")
-            append_jsonl(rows_path, row)
+            if dump.main:  # under torchrun only rank 0 writes
+                if cfg.save_models:
+                    _save_model(model, tok, dump.path / f"model-{number}")
+                append_jsonl(rows_path, row)
             results["schedules"].append(row)
             stored = f", storage gate {gate['accuracy']:.1f}" if gate else ""
             ui.info(f"schedule {number} ({plan.name}): test EM {test['em']:.1f}, recall {test['recall']:.1f}{stored}")
             bar.advance(task)
     results["seconds"] = time.perf_counter() - t_start
     dump.write_results(results)
+    if not dump.main:
+        return dump.path
     plot_em(results, dump.path / "em.png", f"PIT schedules, {cfg.lm}, test EM (seed {cfg.seed})")
     atomic_write_text(dump.path / "summary.txt", "\n".join(
         f"({r['schedule']}) {r['name']}: EM {r['test']['em']:.1f} recall {r['test']['recall']:.1f}" for r in results["schedules"]) + "\n")

@@ -165,7 +165,8 @@ def main(cfg: Config) -> Path:
                 torch.manual_seed(ex_seed)
                 pair, info = build_pair(lm, ex, cfg, random.Random(ex_seed))
                 row = {"id": ex.id, "pair": pair.to_dict() if pair else None, **info}
-                append_jsonl(pairs_path, row)  # a line torn by a kill is skipped above and rebuilt
+                if dump.main:  # under torchrun only rank 0 writes
+                    append_jsonl(pairs_path, row)  # a line torn by a kill is skipped above and rebuilt
                 done[ex.id] = row
             bar.advance(task)
     pairs = [PreferencePair.from_dict(done[e.id]["pair"]) for e in train if done[e.id].get("pair")]
@@ -175,10 +176,10 @@ def main(cfg: Config) -> Path:
     dump.log(stage="pairs", **results["pairs"])
 
     t = time.perf_counter()
-    for stale in dump.path.glob("simpo-*"):  # the trainer folder of a run killed mid-training
+    for stale in dump.path.glob("simpo-*") if dump.main else []:  # the trainer folder of a run killed mid-training
         shutil.rmtree(stale, ignore_errors=True)
     torch.manual_seed(cfg.seed)
-    with tempfile.TemporaryDirectory(prefix="simpo-", dir=dump.path) as tmp:
+    with tempfile.TemporaryDirectory(prefix="simpo-", dir=dump.path if dump.main else None) as tmp:
         model, history = train_simpo(lm.model, lm.tokenizer, pairs, tmp, beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio,
                                      learning_rate=cfg.learning_rate, epochs=cfg.epochs, max_steps=cfg.max_steps,
                                      batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lora=cfg.lora,
@@ -196,7 +197,7 @@ def main(cfg: Config) -> Path:
         dump.log(stage="eval_after", **dict(results["after"], seconds=time.perf_counter() - t))
         results["f1_change"] = results["after"]["f1"] - results["before"]["f1"]
 
-    if cfg.save_model:
+    if cfg.save_model and dump.main:
         out = dump.path / "model"
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp)
