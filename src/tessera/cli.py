@@ -204,7 +204,10 @@ def run(
     args = list(ctx.args)
     config_path = args.pop(0) if args and "=" not in args[0] and args[0].endswith((".yaml", ".yml")) else None
     dump = run_recipe(recipe, config_path, args)
-    ui.out.print(f"done: {dump}")
+    from tessera.config import is_main_process
+
+    if is_main_process():  # under torchrun: one line, from rank 0
+        ui.out.print(f"done: {dump}")
 
 
 @models_app.command("list")

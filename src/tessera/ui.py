@@ -13,6 +13,7 @@ console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
 _quiet = bool(os.environ.get("TESSERA_QUIET"))
+_other_rank = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 reports progress
 
 
 def set_quiet(value: bool) -> None:
@@ -21,7 +22,7 @@ def set_quiet(value: bool) -> None:
 
 
 def is_quiet() -> bool:
-    return _quiet
+    return _quiet or _other_rank
 
 
 def progress(transient: bool = True) -> Progress:
@@ -34,14 +35,14 @@ def progress(transient: bool = True) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
-        disable=_quiet or not sys.stderr.isatty(),
+        disable=is_quiet() or not sys.stderr.isatty(),
     )
 
 
 @contextlib.contextmanager
 def status(message: str):
     """A spinner for work without a known length (e.g. loading a model)."""
-    if _quiet or not sys.stderr.isatty():
+    if is_quiet() or not sys.stderr.isatty():
         yield
         return
     with console.status(message):
@@ -49,5 +50,5 @@ def status(message: str):
 
 
 def info(message: str) -> None:
-    if not _quiet:
+    if not is_quiet():
         console.print(message)
