@@ -159,3 +159,12 @@ def test_branch_survives_kill_9(branched, tiny_lm_dir, corpus, tmp_path):
         b = load_file(str(branched / "experts" / f"expert-{name}" / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in b), name
     assert not [p.name for p in (dump / "experts").iterdir() if p.name.startswith(".")]
+
+
+def test_branch_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
+    from tessera.recipes import run_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="launcher=torchrun"):
+        run_recipe("btx-branch", None, [f"dump_dir={tmp_path / 'b'}"])
+    assert not (tmp_path / "b").exists()

@@ -41,13 +41,18 @@ class Config:
 
 def main(cfg: Config) -> Path:
     import json
+    import os
 
     from tessera import ui
     from tessera.btx.branch import branch_train
     from tessera.btx.data import parse_domains
     from tessera.btx.train import TrainSettings
     from tessera.config import DumpDir
+    from tessera.errors import InputError
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("btx-branch starts one process per expert itself; run it as one process and pass "
+                         "launcher=torchrun nproc=N to train each expert data parallel")
     domains = parse_domains(cfg.domains)
     settings = TrainSettings(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
                              scheduler=cfg.scheduler, seed=cfg.seed, logging_steps=max(1, cfg.steps // 10))

@@ -82,7 +82,8 @@ def main(cfg: Config) -> Path:
                 batch_size=cfg.cpt_batch_size, seq_len=cfg.cpt_seq_len, lr=cfg.cpt_lr, seed=cfg.seed, log_every=max(1, cfg.cpt_steps // 20),
                 on_log=lambda step, loss: dump.log(cpt_step=step, cpt_loss=loss))
         del teacher
-    save_pruned(model, tok, out, report)
+    if dump.main:  # under torchrun only rank 0 writes
+        save_pruned(model, tok, out, report)
     before, after = report.params_before["non_embedding"], report.params_after["non_embedding"]
     dump.write_results({"model": str(out), **report.to_dict(), "non_embedding_ratio": after / before,
                         "recovery": recovery.to_dict() if recovery else None})
