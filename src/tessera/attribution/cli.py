@@ -20,7 +20,7 @@ def read_context_file(path: Path) -> str:
     if not p.is_file():
         raise InputError(f"context file {p} not found; pass --context FILE with the text to cite from")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a leading BOM is not part of the text
     except UnicodeDecodeError:
         raise InputError(f"context file {p} is not UTF-8 text; pass a plain-text file") from None
     if not text.strip():

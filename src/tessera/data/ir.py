@@ -73,6 +73,18 @@ def _add_qrel(qrels: dict, qid: str, did: str, grade: int) -> None:
     qrels.setdefault(qid, {})[did] = grade
 
 
+def _csv_rows(reader):
+    """Rows of a ``csv.reader``; a ``csv.Error`` (an unterminated quote that runs past the
+    field size limit) is yielded in place of its row, and reading goes on with the next line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield e
+
+
 # --------------------------------------------------------------------------- BEIR
 
 
@@ -156,7 +168,15 @@ def parse_sentence_list(s: str) -> list[str]:
     toks = tokenize.generate_tokens(io.StringIO(s.strip()).readline)
     for t in toks:
         if t.type == tokenize.STRING:
-            out.append(ast.literal_eval(t.string))
+            value = ast.literal_eval(t.string)
+            if not isinstance(value, str):  # b'...' literals
+                raise ValueError(f"{t.string[:20]!r} is not a text string")
+            if "\\" in t.string:
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:  # '\ud800': a lone surrogate is not valid Unicode
+                    raise ValueError(f"{t.string[:20]!r} holds a lone surrogate") from None
+            out.append(value)
         elif t.type == tokenize.OP and t.string in "[],":
             continue
         elif t.type in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT):
@@ -185,13 +205,18 @@ def read_scifact(folder: PathLike, split: str = "train", skip_bad: bool = False)
     csv.field_size_limit(max(old_limit, 1 << 24))
     try:
         reader = csv.reader(io.StringIO(read_text(cpath), newline=""))
-        header = next(reader, None)
+        header = next(_csv_rows(reader), None)
+        if isinstance(header, csv.Error):
+            raise DataFormatError(cpath, 1, f"malformed CSV ({header})", hint="pass SciFact's corpus.csv")
         if not header or [h.strip() for h in header[:3]] != ["doc_id", "title", "abstract"]:
             raise DataFormatError(cpath, 1, f"header {header!r} is not doc_id,title,abstract,...", hint="pass SciFact's corpus.csv")
         start = reader.line_num
-        for row in reader:
+        for row in _csv_rows(reader):
             lineno = start + 1
             start = reader.line_num
+            if isinstance(row, csv.Error):
+                bad(cpath, lineno, f"malformed CSV ({row}); check for an unterminated quote")
+                continue
             if not row or not any(c.strip() for c in row):
                 continue
             if len(row) < 3:
@@ -400,7 +425,7 @@ def read_cranfield(folder: PathLike, skip_bad: bool = False) -> Collection:
     bad = _Bad(skip_bad)
     docs = []
     for rid, f in read_smart(_need(root, "cran.all.1400", layout), _bad=bad):
-        docs.append(Document(str(int(rid)) if rid.isdigit() else rid, " ".join(f.get("T", "").split()), f.get("W", "")))
+        docs.append(Document((rid.lstrip("0") or "0") if rid.isascii() and rid.isdigit() else rid, " ".join(f.get("T", "").split()), f.get("W", "")))
     queries = [
         Query(str(i), " ".join(f.get("W", "").split()))
         for i, (_, f) in enumerate(read_smart(_need(root, "cran.qry", layout), _bad=bad), 1)
@@ -430,7 +455,9 @@ def _id_list(value) -> list[str]:
     """BRIGHT id lists: a list, a single string, or ``"N/A"``/``["N/A"]`` for none."""
     if value is None:
         return []
-    items = [value] if isinstance(value, str) else list(value)
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"expected a list of ids or a string, got {type(value).__name__}")
+    items = [value] if isinstance(value, str) else value
     return [str(v) for v in items if str(v).strip() and str(v).strip().upper() != "N/A"]
 
 
@@ -492,7 +519,11 @@ def read_bright(
         if qid is None or not isinstance(text, str) or gold_key not in row:
             bad(epath, lineno, f'an example row needs "id", a string "query" and "{gold_key}"')
             continue
-        gold, excluded = _id_list(row[gold_key]), _id_list(row.get("excluded_ids"))
+        try:
+            gold, excluded = _id_list(row[gold_key]), _id_list(row.get("excluded_ids"))
+        except ValueError as e:
+            bad(epath, lineno, f'"{gold_key}"/"excluded_ids": {e}')
+            continue
         both = set(gold) & set(excluded)
         if both:
             bad(epath, lineno, f"ids both gold and excluded: {sorted(both)[:3]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,6 +12,17 @@ from pathlib import Path
 from tessera.errors import DataFormatError, InputError
 
 UTF8_HINT = "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+# any \uD800-\uDFFF escape: the row's strings are then checked for a lone surrogate (valid pairs pass)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(row) -> bool:
+    """True if a string in ``row`` holds a lone UTF-16 surrogate (JSON ``"\\ud800"``): not valid Unicode, unwritable as UTF-8."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def check_file(path: str | os.PathLike, what: str = "file") -> Path:
@@ -56,10 +68,14 @@ def read_jsonl_numbered(path: str | os.PathLike, skip_bad: bool = False) -> tupl
             try:
                 row = json.loads(line)
                 what = None if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+                if what is None and _SURROGATE_ESCAPE.search(line) and _has_lone_surrogate(row):
+                    what = "a \\u escape encodes a lone surrogate (not valid Unicode)"
             except json.JSONDecodeError as e:
                 what = f"malformed JSON ({e.msg} at column {e.colno})"
             except ValueError as e:  # e.g. numbers too long to convert
                 what = f"malformed JSON ({e})"
+            except RecursionError:  # arrays/objects nested thousands deep
+                what = "malformed JSON (nested too deeply)"
             if what is not None:
                 if skip_bad:
                     n_bad += 1

@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tessera.data.jsonl import read_text
+from tessera.data.ir import _csv_rows
+from tessera.data.jsonl import _SURROGATE_ESCAPE, _has_lone_surrogate, read_text
 from tessera.errors import DataFormatError, InputError
 
 PathLike = str | os.PathLike
@@ -43,14 +44,23 @@ def read_hotpotqa(path: PathLike) -> list[HotpotExample]:
     """The official HotpotQA JSON list (``_id``, ``question``, ``answer``, ``type``,
     ``level``, ``context``, ``supporting_facts``); test files without answers get ``""``."""
     p = Path(path)
+    text = read_text(p, "HotpotQA file")
     try:
-        data = json.loads(read_text(p, "HotpotQA file"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataFormatError(p, e.lineno, f"malformed JSON ({e.msg})", hint="pass the official HotpotQA JSON file") from None
+    except ValueError as e:  # e.g. a number too long to convert
+        raise DataFormatError(p, None, f"malformed JSON ({e})", hint="pass the official HotpotQA JSON file") from None
+    except RecursionError:
+        raise DataFormatError(p, None, "malformed JSON (nested too deeply)", hint="pass the official HotpotQA JSON file") from None
     if not isinstance(data, list):
         raise DataFormatError(p, 1, "expected a JSON list of examples", hint="pass the official HotpotQA JSON file")
     out = []
+    suspicious = _SURROGATE_ESCAPE.search(text) is not None  # a lone "\\ud800" escape: find its example
     for i, r in enumerate(data):
+        if suspicious and _has_lone_surrogate(r):
+            raise DataFormatError(p, None, f"example {i} has a \\u escape that encodes a lone surrogate (not valid Unicode)",
+                                  hint="pass the official HotpotQA JSON file")
         try:
             context = [(str(t), [str(s) for s in sents]) for t, sents in r["context"]]
             facts = [(str(t), int(k)) for t, k in r.get("supporting_facts", [])]
@@ -65,7 +75,7 @@ def read_hotpotqa(path: PathLike) -> list[HotpotExample]:
                     supporting_facts=facts,
                 )
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity)
             raise DataFormatError(p, None, f"example {i} is malformed ({type(e).__name__}: {e})", hint="pass the official HotpotQA JSON file") from None
     return out
 
@@ -108,8 +118,13 @@ def read_mmlu(folder: PathLike, split: str = "val", subjects: Iterable[str] | No
         subject = f.name[: -len(f"_{split}.csv")]
         reader = csv.reader(io.StringIO(read_text(f), newline=""))
         start, row_i = 0, 0
-        for row in reader:
+        for row in _csv_rows(reader):
             lineno, start = start + 1, reader.line_num
+            if isinstance(row, csv.Error):
+                row_i += 1
+                if skip_bad:
+                    continue
+                raise DataFormatError(f, lineno, f"malformed CSV ({row}); check for an unterminated quote")
             if not row:
                 continue
             ans, i = row[-1].strip().upper(), row_i

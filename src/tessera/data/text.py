@@ -107,7 +107,7 @@ def load_corpus_counted(path: PathLike, skip_bad: bool = False) -> tuple[list[Do
     elif p.suffix.lower() in TEXT_SUFFIXES:
         docs = [_text_doc(p, p.name)]
     else:
-        raise InputError(f"unsupported corpus file {p.name}; pass a .jsonl, .txt, .md or .rst file or a folder of them")
+        raise InputError(f"unsupported corpus file {p}; pass a .jsonl, .txt, .md or .rst file or a folder of them")
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise EmptyCorpusError(f"{p} has no documents; add non-empty .txt, .md, .rst or .jsonl (with a \"text\" field) files")

@@ -283,14 +283,22 @@ def stats_path(out: Path) -> Path:
 
 
 def finished_ids(out: Path, include_failures: bool = True) -> set[str]:
-    """Ids already in ``out`` (and in its failures file): a resumed run skips them."""
-    from tessera.data.jsonl import read_jsonl
+    """Ids already in ``out`` (and in its failures file): a resumed run skips them.
 
+    These are files this command wrote, so a line a crash left unfinished (invalid JSON, or a
+    UTF-8 character cut in two) is skipped, not an error: that row is generated again."""
     ids: set[str] = set()
-    paths = [out] + ([failures_path(out)] if include_failures else [])
+    paths = [Path(out)] + ([failures_path(out)] if include_failures else [])
     for p in paths:
-        if p.is_file():
-            ids.update(str(r["id"]) for r in read_jsonl(p, skip_bad=True) if "id" in r)
+        if not p.is_file():
+            continue
+        for raw in p.read_bytes().splitlines():
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                continue
+            if isinstance(row, dict) and isinstance(row.get("id"), (str, int)):
+                ids.add(str(row["id"]))
     return ids
 
 
