@@ -97,6 +97,16 @@ def test_mix_cli_then_finetune_recipe_gives_a_routed_mixtral(branched, tmp_path)
     lines = (dump / "metrics.jsonl").read_text().splitlines()
     assert any("balance_loss" in json.loads(x) for x in lines)
     assert len(lines) == len(set(lines))  # no row twice after the kill
+    # the rerun after the kill equals an uninterrupted run
+    ref = tmp_path / "ft-ref"
+    run_recipe("btx-finetune", None, [a for a in args if not a.startswith("dump_dir=")] + [f"dump_dir={ref}"])
+    assert json.loads((ref / "results.json").read_text())["heldout_perplexity"] == res["heldout_perplexity"]
+
+    def no_wall(rows):
+        return [{k: v for k, v in json.loads(r).items() if not any(w in k for w in ("runtime", "per_second", "seconds"))}
+                for r in rows]
+
+    assert no_wall((ref / "metrics.jsonl").read_text().splitlines()) == no_wall(lines)
     r = run_cli("--quiet", "btx", "route", str(dump / "model"), "-d", "docs:python-docs", "--blocks", "2", "--seq-len", "32",
                 "--out", str(tmp_path / "r.png"))
     assert r.returncode == 0, r.stderr

@@ -82,4 +82,11 @@ def test_prune_recipe_with_continued_pretraining(tiny_llama8_dir, tmp_path):
     steps = [r["cpt_step"] for r in rows if "cpt_step" in r]
     layers = [r["layer"] for r in rows if "layer" in r]
     assert len(steps) == len(set(steps)) and len(layers) == len(set(layers)) == 8  # no row twice after the kill
+    # the rerun after the kill equals an uninterrupted run
+    from safetensors.torch import load_file
+
+    ref = run_recipe("retrieval-prune", overrides=[a for a in args if not a.startswith("dump_dir=")] + [f"dump_dir={tmp_path / 'ref'}"])
+    assert [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()] == rows
+    w_ref, w_run = (load_file(str(d / "model" / "model.safetensors")) for d in (ref, dump))
+    assert w_ref.keys() == w_run.keys() and all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
     assert (dump / "model" / "model.safetensors").is_file()

@@ -104,6 +104,15 @@ def test_recipe_with_gradcache_and_matryoshka(tiny_lm_dir, synthetic, tmp_path):
     model = SentenceTransformer(str(dump / "model"), device="cpu")
     assert model.encode_query(["violin piano"], truncate_dim=16).shape == (1, 16)
     assert not any(p.name.startswith(".trainer-") for p in dump.iterdir())
+    # the rerun after the kill equals an uninterrupted run
+    import torch
+    from safetensors.torch import load_file
+
+    ref = run_recipe("retrieval-train", overrides=[a for a in args if not a.startswith("dump_dir=")] + [f"dump_dir={tmp_path / 'ref'}"])
+    same = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert same == [r["loss"] for r in logged]
+    w_ref, w_run = (load_file(str(next((d / "model").rglob("model.safetensors")))) for d in (ref, dump))
+    assert w_ref.keys() == w_run.keys() and all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
 
 
 def test_recipe_lora_merges_into_a_plain_model(tiny_lm_dir, synthetic, tmp_path):
