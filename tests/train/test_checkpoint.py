@@ -189,3 +189,27 @@ def test_cli_convert_and_show(tmp_path):
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert shown["loop"]["step"] == 4 and shown["model_tensors"] == 3  # tied out.weight is emb.weight
+
+
+def test_incomplete_folders_are_refused_and_not_chosen(tmp_path):
+    m = Tied()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    train_steps(m, opt, 1, seed=0)
+    write_checkpoint(tmp_path / "ck", dict(m.named_parameters()), opt.state_dict(), {"step": 1})
+    (tmp_path / "ck" / "optimizer.safetensors").unlink()  # a folder half-deleted by a kill
+    with pytest.raises(InputError, match="incomplete.*optimizer.safetensors"):
+        read_checkpoint(tmp_path / "ck")
+    # between the renames of a later save only old folders exist: the complete one with the highest step wins
+    (tmp_path / "ck").rename(tmp_path / ".ck.old-a")
+    write_checkpoint(tmp_path / "ck2", dict(m.named_parameters()), None, {"step": 5})
+    (tmp_path / "ck2").rename(tmp_path / ".ck.old-b")
+    write_checkpoint(tmp_path / "ck3", dict(m.named_parameters()), None, {"step": 3})
+    (tmp_path / "ck3").rename(tmp_path / ".ck.old-c")
+    assert resolve_checkpoint(tmp_path / "ck").name == ".ck.old-b"
+
+
+def test_values_that_are_not_json_give_a_one_line_error(tmp_path):
+    m = Tied()
+    with pytest.raises(InputError, match="not JSON"):
+        write_checkpoint(tmp_path / "ck", dict(m.named_parameters()), None, {"step": 1}, {"when": object()})
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.iterdir())

@@ -81,17 +81,30 @@ def train_expert(seed_model: str, domain: Domain, out: str | Path, settings: Tra
     return out
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): the kernel kills it when the process that started it dies,
-    so a ``kill -9`` of the recipe leaves no expert training on behind it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+def _death_signal():
+    """A callable that asks the kernel (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to kill the
+    calling process when the process that started it dies, or ``None`` elsewhere.  Resolved in
+    the parent: after a fork only the bare call runs (no library loading in the child)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
 
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)
+
+
+def _die_with_parent(parent: int | None = None) -> None:
+    """Die with the parent, so a ``kill -9`` of the recipe leaves no expert training on behind it;
+    if the parent is already gone (it died before the call), exit now."""
+    set_signal = _death_signal()
+    if set_signal is not None:
+        set_signal()
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def expert_command(spec_file: Path, launcher: str = "python", nproc: int = 1) -> list[str]:
@@ -129,6 +142,7 @@ def branch_train(seed_model: str, domains: list[Domain], out_root: str | Path, s
         jobs.append((d, spec_file))
     running: list = []
     failures = []
+    set_signal = _death_signal()
     proc_env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_expert), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
 
     def reap(block: bool):
@@ -154,7 +168,7 @@ def branch_train(seed_model: str, domains: list[Domain], out_root: str | Path, s
         log = open(out_root / f"log-{d.name}.txt", "w")
         ui.info(f"expert {d.name}: training in a new process")
         p = subprocess.Popen(expert_command(spec_file, launcher, nproc), stdout=log, stderr=subprocess.STDOUT, env=proc_env,
-                             preexec_fn=_die_with_parent)
+                             preexec_fn=set_signal)
         running.append((d, p, log))
     while running:
         reap(True)
@@ -167,6 +181,8 @@ def _main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Train one BTX expert (one process, no shared state).")
     ap.add_argument("--spec", required=True, help="JSON written by branch_train")
     a = ap.parse_args(argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("LOCAL_RANK"):
+        _die_with_parent()  # a torchrun worker: its agent starts it in a new session, so die with the agent too
     spec = json.loads(Path(a.spec).read_text())
     rank = int(os.environ.get("RANK", "0"))
     try:

@@ -184,23 +184,33 @@ def text_side_check(model, cfg: Config, tok, device: str) -> dict:
             "max_abs_logit_diff": float((a.float() - b.float()).abs().max())}
 
 
-def _save_ckpt(path: Path, model, opt, state) -> None:
-    """The trainable parameters (the image modules and the image FFN copies), the optimizer and the
-    loop state, as a checkpoint folder (safetensors + JSON, no pickle)."""
-    from tessera.train.checkpoint import write_checkpoint
+def _save_ckpt(path: Path, model, opt, state, is_main: bool = True) -> None:
+    """The trainable parameters (the image modules and the image FFN copies), the optimizer, the
+    loop state and every rank's RNG states, as a checkpoint folder (safetensors + JSON, no
+    pickle).  Every rank calls it (the RNG states are gathered); rank 0 writes."""
+    import torch.distributed as dist
 
+    from tessera.train.checkpoint import rng_states, write_checkpoint
+
+    rng: bool | dict = True
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rng_states())
+        rng = {f"{k}@{r}": v for r, states in enumerate(gathered) for k, v in states.items()}
+    if not is_main:
+        return
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    write_checkpoint(path, trainable, opt.state_dict(), state.to_dict())
+    write_checkpoint(path, trainable, opt.state_dict(), state.to_dict(), rng=rng)
 
 
-def _load_ckpt(path: Path, model, opt):
+def _load_ckpt(path: Path, model, opt, rank: int = 0):
     import torch
 
     from tessera.errors import InputError
     from tessera.train import LoopState
     from tessera.train.checkpoint import read_checkpoint
 
-    ck = read_checkpoint(path, restore_rng=True)
+    ck = read_checkpoint(path, restore_rng=True, rank=rank)
     params = dict(model.named_parameters())
     unknown = sorted(set(ck["model"]) - set(params))
     if unknown:
@@ -252,7 +262,7 @@ def main(cfg: Config) -> Path:
     state = LoopState()
     found = resolve_checkpoint(ckpt) if cfg.resume else None
     if found is not None:
-        state = _load_ckpt(found, model, opt)
+        state = _load_ckpt(found, model, opt, info.rank)
         if info.is_main:  # drop metric rows logged after the checkpoint
             drop_metrics_after(dump_path / "metrics.jsonl", state.step)
         ui.info(f"resumed from {found} at step {state.step}")
@@ -283,8 +293,8 @@ def main(cfg: Config) -> Path:
                      lr=opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in logs.items()})
         if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
             run_eval(st.step)
-        if info.is_main and (st.step % cfg.ckpt_every == 0 or st.step == cfg.steps):
-            _save_ckpt(ckpt, model, opt, st)
+        if st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:  # every rank: the RNG states are gathered
+            _save_ckpt(ckpt, model, opt, st, info.is_main)
 
     with meter:
         if state.step == 0:

@@ -275,24 +275,25 @@ def main(cfg: Config) -> Path:
     lm = MixedModalLM(mcfg, cfg.setting, diffusion_lambda=cfg.diffusion_lambda, aux_coef=cfg.aux_coef,
                       lb_coef=cfg.lb_coef, prediction_type=cfg.prediction_type,
                       snr_gamma=cfg.snr_gamma).to(info.device)
-    decay = [p for n, p in lm.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in lm.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    # wrapped before the optimizer is built: FSDP2 replaces the parameters (DTensors) in place
+    model = wrap_model(lm, info, cfg.distributed, blocks=list(lm.model.layers))
+    core = unwrap(model)
+    decay = [p for n, p in core.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in core.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
-    # 3. resume
+    # 3. resume (into the wrapped model: a full state dict is sharded by FSDP, loaded by every DDP rank)
     ckpt = dump_path / "checkpoint"
     state = LoopState()
     found = resolve_checkpoint(ckpt) if cfg.resume else None
     if found is not None:
-        state, _ = load_checkpoint(found, lm, opt)
+        state, _ = load_checkpoint(found, model, opt)
         if info.is_main:  # drop metric rows logged after the checkpoint
             drop_metrics_after(dump_path / "metrics.jsonl", state.step)
         ui.info(f"resumed from {found} at step {state.step}")
     elif info.is_main:
         (dump_path / "metrics.jsonl").unlink(missing_ok=True)
-    model = wrap_model(lm, info, cfg.distributed, blocks=list(lm.model.layers))
-    core = unwrap(model)
 
     # 4. train
     val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)

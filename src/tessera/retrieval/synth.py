@@ -382,9 +382,12 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
     tok0, t0 = backend.stats.new_tokens, time.perf_counter()
     n_done = 0
     for c, start in enumerate(range(0, len(all_jobs), cfg.chunk_size)):
-        chunk = [(d, s) for d, s in all_jobs[start:start + cfg.chunk_size] if f"{d.id}/{s}" not in done]
-        if not chunk:
+        chunk = all_jobs[start:start + cfg.chunk_size]
+        todo = sum(f"{d.id}/{s}" not in done for d, s in chunk)
+        if not todo:
             continue
+        # a chunk a kill left half-written is generated whole (batch make-up and per-position seeds as in
+        # an uninterrupted run); only its missing rows are written
         seed = cfg.seed * 100_003 + c
         made = []
         for stage, job in (("hq", _hq_job), ("vl", _vl_job)):
@@ -401,6 +404,9 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
         g = 0
         for stage, d, value, method, r, extra in made:
             rid = f"{d.id}/{stage}"
+            if rid in done:
+                g += value is not None
+                continue
             if value is None:
                 append_jsonl(failures_path(out), {"id": rid, "doc_id": d.id, "stage": stage, "attempts": r.attempts,
                                                   "error": r.error, "raw": [x[:2000] for x in r.raw]})
@@ -426,7 +432,7 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
             append_jsonl(out, {"id": rid, "doc_id": d.id, "stage": stage, "query": [cfg.instruction, str(value["query"]).strip()],
                                "pos": [["", texts[pos]]], "neg": negs, "meta": meta})
             run["written"] += 1
-        n_done += len(chunk)
+        n_done += todo
         if progress is not None:
             progress(n_done, len(jobs))
     run["new_tokens"] = backend.stats.new_tokens - tok0

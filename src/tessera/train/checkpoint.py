@@ -112,7 +112,9 @@ def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = Non
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = {"format": FORMAT, "loop": state or {}, "extra": extra or {}, "optimizer": None}
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a write a kill interrupted: not a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+    meta = {"format": FORMAT, "loop": state or {}, "extra": extra or {}, "optimizer": None, "files": []}
     with atomic_dir(path) as tmp:
         save_file(_unalias(model), str(tmp / "model.safetensors"))
         if optimizer is not None:
@@ -120,7 +122,13 @@ def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = Non
             save_file(_unalias(tensors), str(tmp / "optimizer.safetensors"))
         if rng:
             save_file(rng if isinstance(rng, dict) else rng_states(), str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+        meta["files"] = sorted(p.name for p in tmp.iterdir())
+        try:
+            text = json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"cannot write checkpoint {path}: a value is not JSON ({e}); keep optimizer options and "
+                             "extra fields to numbers, strings, lists and dicts") from None
+        (tmp / "state.json").write_text(text, encoding="utf-8")
     for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-write or mid-swap
     return path
@@ -129,6 +137,17 @@ def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = Non
 def _legacy_error(path: Path) -> InputError:
     return InputError(f"{path} is an old pickle checkpoint, which tessera no longer loads (a pickle can run code); "
                       f"convert it with `tessera checkpoint convert {path}` (reads tensors only) or rerun with resume=false")
+
+
+def _complete(folder: Path) -> bool:
+    """A folder whose ``state.json`` parses and whose listed files are all there (an old folder a
+    kill left half-deleted is not)."""
+    try:
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return isinstance(meta, dict) and isinstance(meta.get("loop"), dict) and \
+            all((folder / f).is_file() for f in meta.get("files", ["model.safetensors"]))
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_checkpoint(path: str | Path) -> Path | None:
@@ -141,10 +160,9 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
         raise _legacy_error(path)
     if path.is_dir():
         return path
-    olds = sorted((p for p in path.parent.glob(f".{path.name}.old-*") if (p / "state.json").is_file()),
-                  key=lambda p: p.stat().st_mtime)
+    olds = [p for p in path.parent.glob(f".{path.name}.old-*") if _complete(p)]
     if olds:
-        return olds[-1]
+        return max(olds, key=lambda p: json.loads((p / "state.json").read_text(encoding="utf-8"))["loop"].get("step", 0))
     if legacy.is_file():
         raise _legacy_error(legacy)
     return None
@@ -183,6 +201,9 @@ def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) 
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise InputError(f"{f} is not a readable safetensors file ({msg}); delete the checkpoint folder to start afresh") from None
 
+    missing = [f for f in meta.get("files", []) if not (path / f).is_file()]
+    if missing:
+        raise InputError(f"{path} is incomplete ({', '.join(missing)} missing); delete the checkpoint folder to start afresh")
     model = load("model.safetensors")
     if model is None:
         raise InputError(f"{path} has no model.safetensors; delete the checkpoint folder to start afresh")
@@ -191,11 +212,11 @@ def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) 
         opt = _unflatten_optimizer(load("optimizer.safetensors") or {}, meta["optimizer"])
     if restore_rng:
         rng = load("rng.safetensors") or {}
-        if f"cpu@{rank}" in rng:  # saved per rank: take this rank's
+        if any("@" in k for k in rng):  # saved per rank: this rank's, or none (more ranks than were saved)
             rng = {k.split("@")[0]: v for k, v in rng.items() if k.endswith(f"@{rank}")}
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))]
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     return {"model": model, "optimizer": opt, "state": meta.get("loop", {}), "extra": meta.get("extra", {})}
