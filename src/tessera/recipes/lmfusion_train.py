@@ -188,15 +188,9 @@ def _save_ckpt(path: Path, model, opt, state, is_main: bool = True) -> None:
     """The trainable parameters (the image modules and the image FFN copies), the optimizer, the
     loop state and every rank's RNG states, as a checkpoint folder (safetensors + JSON, no
     pickle).  Every rank calls it (the RNG states are gathered); rank 0 writes."""
-    import torch.distributed as dist
+    from tessera.train.checkpoint import gathered_rng_states, write_checkpoint
 
-    from tessera.train.checkpoint import rng_states, write_checkpoint
-
-    rng: bool | dict = True
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rng_states())
-        rng = {f"{k}@{r}": v for r, states in enumerate(gathered) for k, v in states.items()}
+    rng = gathered_rng_states()
     if not is_main:
         return
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -100,6 +100,18 @@ def rng_states() -> dict:
     return states
 
 
+def gathered_rng_states() -> bool | dict:
+    """The ``rng`` argument of :func:`write_checkpoint` for the calling process: under torch.distributed
+    every rank's states (``{"cpu@0": ..., "cpu@1": ...}``; every rank must call it), else ``True``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rng_states())
+    return {f"{k}@{r}": v for r, states in enumerate(gathered) for k, v in states.items()}
+
+
 def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = None, state: dict | None = None,
                      extra: dict | None = None, rng: bool | dict = True) -> Path:
     """Write a checkpoint folder at ``path`` (replacing one that is there, atomically).

@@ -163,14 +163,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Full model + optimizer state, the loop state and the RNG states, as a checkpoint folder
     (safetensors + JSON, :mod:`tessera.train.checkpoint`); every rank must call it (FSDP gathers),
     rank 0 writes."""
-    from tessera.train.checkpoint import rng_states, write_checkpoint
+    from tessera.train.checkpoint import gathered_rng_states, write_checkpoint
 
     msd, osd = _state_dicts(model, optimizer)
-    rng: bool | dict = True
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # every rank's RNG states
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rng_states())
-        rng = {f"{k}@{r}": v for r, states in enumerate(gathered) for k, v in states.items()}
+    rng = gathered_rng_states()  # every rank's RNG states
     if not is_main:
         return
     write_checkpoint(path, msd, osd, state.to_dict(), extra or {}, rng=rng)
