@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tessera.btx.routing import BALANCE_LOSSES, BTX_BALANCE_ALPHA, btx_load_balancing_loss
 from tessera.errors import InputError
@@ -94,6 +94,44 @@ class MoETrainer(Trainer):
         if "loss" in logs and not math.isnan(self.last_balance):
             logs["balance_loss"] = self.last_balance
         super().log(logs, *args, **kwargs)
+
+
+class HeldOutLoss(TrainerCallback):
+    """Held-out loss per domain every ``every`` steps (and at step 0 and the end), kept in ``curve``.
+
+    ``curve`` rows: ``{"step", "loss": {domain: mean NLL}, "mean": mean over domains}``; pass
+    ``on_eval`` to also log/print each row.  :func:`plateau` turns the curve into the seed gate.
+    """
+
+    def __init__(self, blocks: dict[str, torch.Tensor], every: int, on_eval=None):
+        self.blocks, self.every, self.on_eval = blocks, max(1, every), on_eval
+        self.curve: list[dict] = []
+
+    def _eval(self, model, step: int) -> None:
+        loss = {n: float(-token_logprobs(model, b).mean()) for n, b in self.blocks.items()}
+        row = {"step": step, "loss": loss, "mean": sum(loss.values()) / len(loss)}
+        self.curve.append(row)
+        if self.on_eval:
+            self.on_eval(row)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if not self.curve:
+            self._eval(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._eval(model, state.global_step)
+
+
+def plateau(curve: list[dict], tail: float = 0.2) -> float:
+    """Relative held-out loss improvement over the last ``tail`` of the steps:
+    ``(L(t0) - L(T)) / L(t0)``, ``t0`` the evaluated step nearest ``(1 - tail) * T``."""
+    if len(curve) < 2:
+        raise InputError("a plateau needs at least two held-out evaluations")
+    last = curve[-1]
+    t0 = (1 - tail) * last["step"]
+    ref = min(curve[:-1], key=lambda r: abs(r["step"] - t0))
+    return (ref["mean"] - last["mean"]) / ref["mean"]
 
 
 def train_model(model, blocks: torch.Tensor, out_dir: str | Path, settings: TrainSettings, *, moe: bool = False,
