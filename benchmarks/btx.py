@@ -58,7 +58,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 DOMAINS = ["wiki:wikitext2", "mmlu:mmlu", "code:python-code"]
-METHODS = ("dense", "sparse_upcycling", "btm", "btx")  # compute-matched
+# compute-matched (BTM twice: at equal FLOPs, and branch-only with fewer FLOPs, the BTX paper's row;
+# BTX must beat both to be "best")
+METHODS = ("dense", "sparse_upcycling", "btm", "btm_branch_only", "btx")
+TESTBED = "v2"  # bump when the domains' text changes: cached tokenizers and seeds are keyed by it
 
 
 def log(msg: str) -> None:
@@ -126,6 +129,7 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
     from tessera.btx.baselines import upcycle
     from tessera.btx.data import parse_domains
     from tessera.btx.mix import mix_experts
+    from tessera.btx.train import perplexity
 
     domains = parse_domains(DOMAINS)
     train, held = data
@@ -138,6 +142,8 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
     rep = mix_experts(experts, work / "btx-mixed", experts_per_token=2, router_init="normal", seed=seed, overwrite=True)
     moe = load(work / "btx-mixed", moe=True)
     f_moe = flops_per_step(moe.config, cfg["seq_len"], cfg["batch"])
+    mixed_ppl = {n: perplexity(moe, held[n], 32) for n in names}  # before MoE finetuning: what averaging cost
+    log(f"[{tag}] mixed model before finetuning: {json.dumps({n: round(v, 2) for n, v in mixed_ppl.items()})}")
     ft = settings(cfg["ft_steps"], cfg["batch"], cfg["ft_lr"], seed)
     btx, btx_hist, btx_s = train_timed(moe, mixture, work, ft, moe=True, balance="btx")
     budget = branch_flops + ft.steps * f_moe
@@ -167,7 +173,7 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
                   "btm_branch_only": branch_flops, "dense_step": f_dense, "moe_step": f_moe},
         "seconds": {"branch_wall": branch_s, "experts": [i["seconds"] for i in infos], "mix": rep.seconds, "btx_finetune": btx_s,
                     "dense": dense_s, "sparse_upcycling": up_s, "btm_continue": btm_s},
-        "expert_pids": [i["pid"] for i in infos], "btx_finetune_log": btx_hist,
+        "expert_pids": [i["pid"] for i in infos], "btx_finetune_log": btx_hist, "btx_before_finetune_perplexity": mixed_ppl,
     })
     return out
 
@@ -219,6 +225,7 @@ def pretrain_tiny_seed(work: Path, a, train: dict, held: dict, tok) -> tuple[Pat
     from tessera.btx.train import HeldOutLoss, plateau
 
     spec = {k: getattr(a, k) for k in ("vocab", "hidden", "layers", "seq_len", "batch", "seed_steps", "seed_lr", "domain_blocks", "seed")}
+    spec["testbed"] = TESTBED
     seed_dir = work / f"seed-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]}"
     if (seed_dir / "seed.json").is_file():
         log(f"seed: reusing {seed_dir}")
@@ -244,6 +251,21 @@ def pretrain_tiny_seed(work: Path, a, train: dict, held: dict, tok) -> tuple[Pat
         tok.save_pretrained(tmp)
         (tmp / "seed.json").write_text(json.dumps(rec, indent=2))
     return seed_dir, rec
+
+
+def measure_sizes(tok, mixture: torch.Tensor, work: Path, a) -> dict:
+    """Training tokens/s of a few seed shapes on this machine (how the default was chosen)."""
+    from tessera import hub
+
+    out = {}
+    for h, layers in ((64, 2), (64, 4), (96, 4), (128, 4)):
+        model, _ = hub.new_tiny_llama(tok, hidden_size=h, num_layers=layers, num_heads=4, num_kv_heads=2, intermediate_size=4 * h,
+                                      max_positions=max(512, a.seq_len), seed=0)
+        train_timed(model, mixture, work, settings(2, a.batch, 1e-3, 0))  # warm-up
+        _, _, sec = train_timed(model, mixture, work, settings(8, a.batch, 1e-3, 0))
+        out[f"h{h}_L{layers}"] = {"parameters": sum(p.numel() for p in model.parameters()), "tokens_per_second": 8 * a.batch * a.seq_len / sec}
+    log(f"seed sizes, training tokens/s: {json.dumps({k: round(v['tokens_per_second']) for k, v in out.items()})}")
+    return out
 
 
 def plot_seed_curve(rec: dict, path: Path) -> None:
@@ -319,24 +341,25 @@ def parse_args(argv=None):
     ap.add_argument("--work", default="/tmp/tessera-btx-bench", help="folder for checkpoints (reuses a seed trained with the same settings)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the seed model (and first comparison seed)")
     ap.add_argument("--seeds", type=int, default=3, help="comparison seeds (branch/mix/finetune), each from the same seed model")
-    ap.add_argument("--vocab", type=int, default=4096, help="BPE trained on the domains' training text")
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=2048, help="BPE trained on the domains' training text")
+    ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--domain-blocks", type=int, default=3000, help="training blocks per domain (the mixture is their union)")
+    ap.add_argument("--domain-blocks", type=int, default=4000, help="training blocks per domain (the mixture is their union)")
     ap.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks per domain")
     ap.add_argument("--seed-eval-blocks", type=int, default=24, help="held-out blocks per domain for the seed's curve")
-    ap.add_argument("--seed-steps", type=int, default=900)
+    ap.add_argument("--seed-steps", type=int, default=1500)
     ap.add_argument("--seed-lr", type=float, default=3e-3)
-    ap.add_argument("--expert-steps", type=int, default=60)
-    ap.add_argument("--ft-steps", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=2e-3, help="branch (expert) learning rate")
+    ap.add_argument("--expert-steps", type=int, default=150)
+    ap.add_argument("--ft-steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=1e-3, help="branch (expert) learning rate")
     ap.add_argument("--ft-lr", type=float, default=1e-3, help="MoE finetuning / continued-training learning rate")
     ap.add_argument("--max-parallel", type=int, default=3, help="expert processes at once")
     ap.add_argument("--expert-threads", type=int, default=1)
     ap.add_argument("--plateau-max", type=float, default=0.01, help="seed gate: largest relative held-out loss gain over the last fifth")
     ap.add_argument("--force", action="store_true", help="compare even when the seed gate fails")
+    ap.add_argument("--no-sizing", dest="sizing", action="store_false", help="skip timing the candidate seed sizes")
     ap.add_argument("--smollm2-steps", type=int, default=2, help="expert steps from SmolLM2 (part smollm2)")
     ap.add_argument("--smollm2-ft-steps", type=int, default=1)
     ap.add_argument("--smollm2-seq-len", type=int, default=64)
@@ -347,8 +370,8 @@ def parse_args(argv=None):
                     "parts run in separate invocations update the same JSON")
     a = ap.parse_args(argv)
     if a.quick:
-        for k, v in {"seeds": 1, "seed_steps": 200, "expert_steps": 20, "ft_steps": 15, "eval_blocks": 16, "seed_eval_blocks": 8,
-                     "domain_blocks": 800, "smollm2_steps": 1}.items():
+        for k, v in {"seeds": 1, "seed_steps": 300, "expert_steps": 30, "ft_steps": 30, "eval_blocks": 16, "seed_eval_blocks": 8,
+                     "domain_blocks": 800, "smollm2_steps": 1, "sizing": False}.items():
             setattr(a, k, v)
         if a.out == ap.get_default("out"):
             a.out = str(Path(a.work) / "btx-quick.json")
@@ -379,6 +402,8 @@ def main(argv=None) -> None:
     results[f"seconds_{'+'.join(sorted(parts))}"] = time.perf_counter() - t_start
     merged = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}  # another part may have finished meanwhile
     merged.update({k: v for k, v in results.items() if k not in ("tiny", "smollm2", "mix_speed", "goals", "gates") or k in produced(parts)})
+    if "tiny" in parts:
+        merged.pop("tiny_longer", None)  # a run of the previous testbed (49k vocabulary, unplateaued seed)
     write_json(merged, Path(a.out))
     log(f"wrote {a.out} in {time.perf_counter() - t_start:.0f} s")
 
@@ -414,9 +439,11 @@ def tiny_testbed(a, tok_dir: Path):
 
 
 def run_tiny(a, work: Path, res_dir: Path, results: dict) -> None:
-    tok, train, held = tiny_testbed(a, work / f"tokenizer-{a.vocab}")
+    tok, train, held = tiny_testbed(a, work / f"tokenizer-{TESTBED}-{a.vocab}")
     results["data"] = {n: {"train_blocks": int(train[n].shape[0]), "heldout_blocks": int(held[n].shape[0]), "seq_len": a.seq_len}
                        for n in train}
+    if a.sizing:
+        results["tiny_sizing"] = measure_sizes(tok, mixture_of(train), work, a)
     seed_dir, rec = pretrain_tiny_seed(work, a, train, held, tok)
     plot_seed_curve(rec, res_dir / "btx_seed.png")
     gates = {"seed_plateau": {"threshold": a.plateau_max, "measured": rec["plateau"], "passed": rec["plateau"] <= a.plateau_max}}

@@ -7,7 +7,9 @@ A domain is written ``name:source`` (in configs and on the command line).  ``sou
 - ``mmlu``: MMLU questions from the shared data formatted as ``Question/A-D/Answer``
   (train on the ``val`` split, hold out ``dev``);
 - ``python-docs``: Python's documentation topics (``pydoc_data.topics``);
-- ``python-code``: the source files of this Python's standard library;
+- ``python-code``: the hand-written source files of this Python's standard library (no
+  tests, and not the generated ``encodings`` charmap tables or ``pydoc_data`` topic text,
+  which would make the domain mostly machine-written and trivially predictable);
 - a ``.jsonl`` / ``.txt`` / ``.md`` / ``.rst`` file or a folder of them (:func:`tessera.data.load_corpus`).
 
 Sources without a held-out file of their own are split per document by a hash of the
@@ -81,10 +83,11 @@ def _mmlu_text(q) -> str:
 
 
 def stdlib_code_files() -> list[Path]:
-    """The standard library's own ``.py`` files (no tests, no site-packages), sorted."""
+    """The standard library's own hand-written ``.py`` files (no tests, no site-packages, no
+    generated ``encodings``/``pydoc_data`` files), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.rglob("*.py"))
-             if not any(part in ("site-packages", "test", "tests", "idle_test", "__pycache__") for part in p.relative_to(root).parts)]
+    skip = ("site-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data")
+    files = [p for p in sorted(root.rglob("*.py")) if not any(part in skip for part in p.relative_to(root).parts)]
     if not files:
         raise InputError(f"no standard-library sources under {root}; use another source")
     return files
