@@ -82,13 +82,16 @@ def load(path, moe=False):
     return load_btx_model(path, dtype=torch.float32, device="cpu") if moe else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def save(model, tok, path: Path) -> None:
+def save(model, tok, path: Path, **files: str) -> None:
+    """A Hugging Face folder (model + tokenizer + extra text files), written whole or not at all."""
     from tessera.config import atomic_dir
 
     shutil.rmtree(path, ignore_errors=True)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
 
 
 def settings(steps: int, batch: int, lr: float, seed: int):
@@ -183,8 +186,7 @@ def evaluate(models: dict, experts: list, btm_experts: list, train: dict, held: 
     from tessera.btx.baselines import PrefixDomainClassifier, btm_perplexity
     from tessera.btx.train import token_logprobs
 
-    vocab = int(max(int(b.max()) for b in [*train.values(), *held.values()])) + 1
-    clf = PrefixDomainClassifier(vocab, len(names)).fit([train[n] for n in names], seed=seed)
+    clf = PrefixDomainClassifier(models["seed"].config.vocab_size, len(names)).fit([train[n] for n in names], seed=seed)
     ppl: dict = {m: {} for m in (*models, "btm", "btm_branch_only", "btm_likelihood")}
     expert_ppl: dict = {}
     for n in names:
@@ -236,20 +238,12 @@ def pretrain_tiny_seed(work: Path, a, train: dict, held: dict, tok) -> tuple[Pat
     eval_blocks = {n: b[: a.seed_eval_blocks] for n, b in held.items()}
     cb = HeldOutLoss(eval_blocks, every=max(1, a.seed_steps // 20),
                      on_eval=lambda r: log(f"seed step {r['step']}: held-out loss {r['mean']:.4f} {json.dumps({k: round(v, 3) for k, v in r['loss'].items()})}"))
-    t0 = time.perf_counter()
-    _, hist, _ = train_timed(model, mixture_of(train), work, settings(a.seed_steps, a.batch, a.seed_lr, a.seed), callbacks=[cb])
-    seconds = time.perf_counter() - t0
+    _, hist, seconds = train_timed(model, mixture_of(train), work, settings(a.seed_steps, a.batch, a.seed_lr, a.seed), callbacks=[cb])
     rec = {"settings": spec, "parameters": n_params, "non_embedding_parameters": n_params - model.get_input_embeddings().weight.numel(),
            "seconds": seconds, "tokens_per_second": a.seed_steps * a.batch * a.seq_len / seconds, "curve": cb.curve,
            "train_loss": hist, "plateau": plateau(cb.curve), "final_heldout_loss": cb.curve[-1]["loss"]}
     log(f"seed: {a.seed_steps} steps in {seconds:.0f} s ({rec['tokens_per_second']:.0f} tok/s), plateau {rec['plateau']:.4f}")
-    shutil.rmtree(seed_dir, ignore_errors=True)
-    from tessera.config import atomic_dir
-
-    with atomic_dir(seed_dir) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "seed.json").write_text(json.dumps(rec, indent=2))
+    save(model, tok, seed_dir, **{"seed.json": json.dumps(rec, indent=2)})
     return seed_dir, rec
 
 

@@ -315,10 +315,15 @@ VALID_BEIR = {"corpus.jsonl": _jsonl(*BEIR_DOCS), "queries.jsonl": _jsonl(*BEIR_
               "qrels/test.tsv": lines_file("query-id\tcorpus-id\tscore", "q1\td1\t1")}
 
 
+def _collection_target(reader, valid: dict, fuzzed: str, **kw):
+    """One file of a multi-file collection fuzzed, its valid companions beside it; ``reader(root, skip_bad=...)``."""
+    comp = {k: v for k, v in valid.items() if k != fuzzed}
+    return Target(reader.__name__, fuzzed, valid[fuzzed], companions=comp, post=_collection_ok,
+                  call=lambda root, v, sb: reader(root, skip_bad=sb), **kw)
+
+
 def _beir_target(fuzzed, **kw):
-    comp = {k: v for k, v in VALID_BEIR.items() if k != fuzzed}
-    return Target("read_beir", fuzzed, VALID_BEIR[fuzzed], companions=comp, post=_collection_ok,
-                  call=lambda root, v, sb: ir.read_beir(root, skip_bad=sb), **kw)
+    return _collection_target(ir.read_beir, VALID_BEIR, fuzzed, **kw)
 
 
 TARGETS += [
@@ -345,9 +350,7 @@ VALID_SCIFACT = {"corpus.csv": lines_file("doc_id,title,abstract,structured", "1
 
 
 def _scifact_target(fuzzed, **kw):
-    comp = {k: v for k, v in VALID_SCIFACT.items() if k != fuzzed}
-    return Target("read_scifact", fuzzed, VALID_SCIFACT[fuzzed], companions=comp, post=_collection_ok,
-                  call=lambda root, v, sb: ir.read_scifact(root, skip_bad=sb), **kw)
+    return _collection_target(ir.read_scifact, VALID_SCIFACT, fuzzed, **kw)
 
 
 TARGETS += [
