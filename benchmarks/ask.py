@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from tessera import __version__
-from tessera.ask import build_messages, fit_sources, Source
+from tessera.config import atomic_write_text
+from tessera.ask import fit_sources, Source
 from tessera.lm import GenerationStats, LocalLM
 from tessera.retrieval.corpus_index import CorpusIndex
 
@@ -154,8 +155,7 @@ def main() -> None:
         "note": "tokens/s = generated tokens / total time including prefill, median of repeats",
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

@@ -360,8 +360,9 @@ def main() -> None:
             "summary": prev["summary"],
         }]
     out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2))
+    from tessera.config import atomic_write_text
+
+    atomic_write_text(out_path, json.dumps(out, indent=2))
     log(f"wrote {out_path}")
     print(json.dumps(summary, indent=2))
 

@@ -78,7 +78,7 @@ def read_wall(run_dir: Path) -> float | None:
 # -- per-step FLOPs ------------------------------------------------------------------------------
 
 def lmfusion_step_flops(cfg, n: int = 3) -> float:
-    from tessera.models.lmfusion import FlopMeter
+    from tessera.models.lmfusion_objective import FlopMeter
     from tessera.recipes.lmfusion_train import build
 
     model, objective, _, train, _, train_idx, _ = build(cfg, "cpu")
@@ -94,7 +94,7 @@ def lmfusion_step_flops(cfg, n: int = 3) -> float:
 def transfusion_step_flops(tcfg, n: int = 3) -> tuple[float, float]:
     """Measured and analytic (the mixed-modal recipe's count) FLOPs per step of (b)."""
     from tessera.models.flops import batch_train_flops
-    from tessera.models.lmfusion import FlopMeter
+    from tessera.models.lmfusion_objective import FlopMeter
     from tessera.models.objectives import MixedModalLM
     from tessera.recipes.mixed_modal_pretrain import build_data, model_config
 
@@ -268,7 +268,7 @@ def main() -> None:
     import transformers
 
     from tessera import __version__
-    from tessera.models.lmfusion import LMFusionModel, generate_images, load_base
+    from tessera.models.lmfusion import LMFusionModel, load_base
     from tessera.recipes import lmfusion_train as R
     from tessera.recipes import mixed_modal_pretrain as MM
 
@@ -397,7 +397,7 @@ def main() -> None:
     if args.full_ppl_tokens:
         # the text path at full depth: all 30 layers of SmolLM2 wrapped by LMFusion (image modules untrained: the
         # text path never reads them) against the plain model, bit for bit, and its real perplexity
-        from tessera.models.lmfusion import LMFusionConfig
+        from tessera.models.lmfusion_modules import LMFusionConfig
 
         del fresh
         full, _ = load_base("default", 0, device="cpu")

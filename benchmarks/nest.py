@@ -39,6 +39,8 @@ import torch
 
 from tessera import __version__
 from tessera.attribution import nest as N
+from tessera.attribution import nest_baselines as B
+from tessera.attribution import nest_store as S
 from tessera.data.paths import shared_data_dir
 from tessera.data.text import read_wikitext
 from tessera.lm import LocalLM
@@ -69,7 +71,7 @@ def rouge(scorer, pred: str, ref: str) -> dict:
     return {"rouge1": s["rouge1"].fmeasure, "rouge2": s["rouge2"].fmeasure, "rougeL": s["rougeL"].fmeasure}
 
 
-def record(res: N.NestResult, extra: dict | None = None) -> dict:
+def record(res: S.NestResult, extra: dict | None = None) -> dict:
     s = res.stats
     copied_docs = sorted({t.source.doc_id for t in res.tokens if t.source is not None})
     return {"new_tokens": s.new_tokens, "generate_s": round(s.generate_s, 4), "prefill_s": round(s.prefill_s, 4),
@@ -130,21 +132,21 @@ def wikitext_task(args, lm, cfg, scorer, results, out_path) -> None:
                "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "methods": methods, "prompts": rows}
     results["wikitext"] = section
     lm_warm = N.encode_prompt(lm, "Warm up")
-    N.greedy_generate(lm, lm_warm, 2)
+    B.greedy_generate(lm, lm_warm, 2)
     for pi, doc in enumerate(chosen):
         ids_all = tok(doc.text, add_special_tokens=False)["input_ids"]
         prompt = tok.decode(ids_all[: args.prompt_tokens])
         truth = tok.decode(ids_all[args.prompt_tokens: need])
         passages, retrieval_s = N.retrieve(index, prompt, cfg)
-        ds, info = N.build_datastore(lm, passages, cache=True, progress=False)
-        _, warm = N.build_datastore(lm, passages, cache=True, progress=False)
+        ds, info = S.build_datastore(lm, passages, cache=True, progress=False)
+        _, warm = S.build_datastore(lm, passages, cache=True, progress=False)
         ids = N.encode_prompt(lm, prompt)
-        rag_ids = N.encode_prompt(lm, N.rag_prompt(passages, prompt))
+        rag_ids = N.encode_prompt(lm, B.rag_prompt(passages, prompt))
         runners = {
-            "greedy": lambda: N.greedy_generate(lm, ids, args.new_tokens),
-            "knn-lm": lambda: N.knn_lm_generate(lm, ds, ids, args.new_tokens, config=cfg),
-            "rag": lambda: N.greedy_generate(lm, rag_ids, args.new_tokens, method="rag"),
-            "prompt-lookup": lambda: N.prompt_lookup_generate(lm, rag_ids, args.new_tokens, num_tokens=args.lookup_tokens),
+            "greedy": lambda: B.greedy_generate(lm, ids, args.new_tokens),
+            "knn-lm": lambda: B.knn_lm_generate(lm, ds, ids, args.new_tokens, config=cfg),
+            "rag": lambda: B.greedy_generate(lm, rag_ids, args.new_tokens, method="rag"),
+            "prompt-lookup": lambda: B.prompt_lookup_generate(lm, rag_ids, args.new_tokens, num_tokens=args.lookup_tokens),
             "nest": lambda: N.nest_decode(lm, ds, ids, cfg, max_new_tokens=args.new_tokens),
         }
         order = methods[pi % len(methods):] + methods[: pi % len(methods)]
@@ -191,11 +193,11 @@ def python_docs_task(args, lm, cfg, scorer, results, out_path) -> None:
         sources = [Source(h.rank, h.passage.doc_id, h.passage.title, h.passage.id, h.score, h.passage.text, h.passage.start,
                           h.passage.end) for h in hits]
         sources, ids = fit_sources(lm, q, sources, 2048 - args.qa_new_tokens)
-        ds, info = N.build_datastore(lm, sources, cache=True, progress=False)
+        ds, info = S.build_datastore(lm, sources, cache=True, progress=False)
         runners = {
-            "rag": lambda: N.greedy_generate(lm, ids, args.qa_new_tokens, method="rag"),
-            "knn-lm": lambda: N.knn_lm_generate(lm, ds, ids, args.qa_new_tokens, config=cfg),
-            "prompt-lookup": lambda: N.prompt_lookup_generate(lm, ids, args.qa_new_tokens, num_tokens=args.lookup_tokens),
+            "rag": lambda: B.greedy_generate(lm, ids, args.qa_new_tokens, method="rag"),
+            "knn-lm": lambda: B.knn_lm_generate(lm, ds, ids, args.qa_new_tokens, config=cfg),
+            "prompt-lookup": lambda: B.prompt_lookup_generate(lm, ids, args.qa_new_tokens, num_tokens=args.lookup_tokens),
             "nest": lambda: N.nest_decode(lm, ds, ids, cfg, max_new_tokens=args.qa_new_tokens),
             methods[-1]: lambda: N.nest_decode(lm, ds, ids, cfg_tuned, max_new_tokens=args.qa_new_tokens),
         }
@@ -242,7 +244,7 @@ def main() -> None:
         "benchmark": "nest",
         "machine": machine(),
         "versions": {"tessera": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "config": {"lm": "default (SmolLM2-135M-Instruct, fp32, CPU)", "nest": cfg.__dict__, "knn_lm_lambda": N.KNN_LM_LAMBDA,
+        "config": {"lm": "default (SmolLM2-135M-Instruct, fp32, CPU)", "nest": cfg.__dict__, "knn_lm_lambda": B.KNN_LM_LAMBDA,
                    "args": vars(args), "command": " ".join(sys.argv)},
     }
     t0 = time.perf_counter()

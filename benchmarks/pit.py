@@ -63,10 +63,9 @@ TRIED = ("QA-only stages at the document lr (1e-3, `tiny_qa_lr_1e-3`): PIT +17.2
 
 
 def write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from tessera.config import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
 
 
 def run(overrides: list[str]) -> dict:

@@ -319,9 +319,9 @@ def main() -> None:
                            "rss_growth_mib": figures["rss_growth_mib"], "threshold_mib": 256},
     }
     out = Path(args.out)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
+    from tessera.config import atomic_write_text
+
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print(json.dumps({"figures": figures, "goals": results["goals"]}, indent=2))
     print(f"wrote {out}")
 

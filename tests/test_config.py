@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tessera.config import DumpDir, atomic_dir, load_config
+from tessera.config import DumpDir, atomic_dir, atomic_file, atomic_savefig, load_config
 from tessera.errors import InputError
 
 
@@ -63,3 +63,32 @@ def test_atomic_dir_replaces_keeps_and_cleans_up(tmp_path):
             raise KeyboardInterrupt
     assert [p.name for p in out.iterdir()] == ["b"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "no temporary folder left behind"
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "a.bin"
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(".tmp") and not target.exists()
+        tmp.write_bytes(b"first")
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"first", "a failed write leaves the old file"
+    assert [p.name for p in target.parent.iterdir()] == ["a.bin"], "no temporary file left behind"
+
+
+def test_atomic_savefig_keeps_the_format_of_the_name(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = atomic_savefig(fig, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig, ax = plt.subplots()
+    assert atomic_savefig(fig, tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "c.svg"]

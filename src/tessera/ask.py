@@ -14,12 +14,17 @@ reward).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from tessera.errors import ContextTooLongError, InputError
 from tessera.lm.local import GenerationStats, LocalLM
 from tessera.retrieval.corpus_index import PYTHON_DOCS, RETRIEVERS, CorpusIndex, Hit
+
+if TYPE_CHECKING:
+    import torch
 
 SYSTEM_PROMPT = (
     "You answer questions using only the numbered sources given. "
@@ -84,7 +89,7 @@ def build_messages(question: str, sources: list[Source]) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def fit_sources(lm: LocalLM, question: str, sources: list[Source], max_prompt_tokens: int) -> tuple[list[Source], "torch.Tensor"]:  # noqa: F821
+def fit_sources(lm: LocalLM, question: str, sources: list[Source], max_prompt_tokens: int) -> tuple[list[Source], torch.Tensor]:
     """Drop trailing sources (then trim the last one) until the prompt fits ``max_prompt_tokens``.
 
     Raises :class:`ContextTooLongError` when the question alone does not fit.
@@ -114,6 +119,80 @@ def fit_sources(lm: LocalLM, question: str, sources: list[Source], max_prompt_to
         text = lm.tokenizer.decode(ids_text)
         kept[-1] = Source(**{**asdict(last), "text": text, "end": last.start + len(text)})
     return [], bare
+
+
+# -- the stages of ask(): check, open the corpus, load the model, retrieve, fit, generate, cite ------------------
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the seconds the block takes as ``timings[key]`` (when it ends normally)."""
+    t = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t
+
+
+def check_request(question: str, k: int, decode: str, temperature: float, retriever: str) -> None:
+    """Refuse an empty question and unknown or conflicting options (:class:`InputError`)."""
+    if not question or not question.strip():
+        raise InputError("the question is empty; pass a question, e.g. tessera ask \"How do I open a file?\"")
+    if k < 0:
+        raise InputError(f"--k must be 0 or more, got {k}")
+    if decode not in ("greedy", "nest"):
+        raise InputError(f"unknown --decode {decode!r}; use greedy or nest")
+    if decode == "nest" and temperature > 0:
+        raise InputError("--decode nest is deterministic; leave --temperature at 0")
+    if retriever not in RETRIEVERS:
+        raise InputError(f"unknown retriever {retriever!r}; use one of {', '.join(RETRIEVERS)}")
+
+
+def open_corpus(corpus: str | CorpusIndex, retriever: str, k: int, encoder: str) -> CorpusIndex:
+    """The corpus index; for dense or hybrid retrieval also its dense index and encoder, loaded (or built) up front."""
+    index = corpus if isinstance(corpus, CorpusIndex) else CorpusIndex.open(corpus)
+    if retriever != "bm25" and k:
+        index.dense(encoder)  # load or build (and cache) the dense index and its encoder up front,
+        index.encoder(encoder)  # so that retrieve_s is search time only
+    return index
+
+
+def sources_of(hits: list[Hit]) -> list[Source]:
+    """Retrieved passages as the numbered sources of the prompt (numbered by rank)."""
+    return [Source(h.rank, h.passage.doc_id, h.passage.title, h.passage.id, h.score, h.passage.text, h.passage.start,
+                   h.passage.end) for h in hits]
+
+
+def generate_greedy(model: LocalLM, input_ids, max_new_tokens: int, temperature: float, seed: int,
+                    on_token: Callable[[str], None] | None) -> tuple[str, GenerationStats]:
+    """Stream the model's answer to the prompt ``input_ids`` (greedy, or sampled at ``temperature``)."""
+    stats = GenerationStats()
+    pieces = []
+    for piece in model.stream(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stats=stats):
+        pieces.append(piece)
+        if on_token:
+            on_token(piece)
+    return "".join(pieces), stats
+
+
+def generate_nest(model: LocalLM, index: CorpusIndex, question: str, input_ids, sources: list[Source],
+                  max_new_tokens: int, on_token: Callable[[str], None] | None) -> tuple[str, GenerationStats, object]:
+    """NEST decoding over the sources -> (answer, its stats, the NEST result with its attributed spans)."""
+    from tessera.attribution.nest import nest_answer
+
+    if not sources:
+        raise InputError("--decode nest needs retrieved passages; use --k 1 or more with a corpus that matches the question")
+    nest_result = nest_answer(model, index, question, input_ids, passages=sources, max_new_tokens=max_new_tokens, on_token=on_token)
+    ns = nest_result.stats
+    stats = GenerationStats(prompt_tokens=ns.prompt_tokens, new_tokens=ns.new_tokens, time_to_first_token_s=ns.prefill_s,
+                            total_s=ns.generate_s, stop_reason=ns.stop_reason)
+    return nest_result.text, stats, nest_result
+
+
+def cite_statements(model: LocalLM, question: str, sources: list[Source], answer: str, best_of: int, seed: int,
+                    should_stop: Callable[[], bool] | None) -> list:
+    """SelfCite: the answer's statements, each with the source sentences that support it."""
+    from tessera.attribution.selfcite import cite_answer
+
+    return cite_answer(model, question, sources, best_of=best_of, answer=answer, seed=seed, should_stop=should_stop)
 
 
 def ask(
@@ -150,69 +229,40 @@ def ask(
     once it returns true :class:`~tessera.errors.Cancelled` is raised (or whatever the
     hook raises itself propagates).  ``engine`` and ``lm_url`` (an OpenAI-compatible server that
     serves ``lm``), when ``lm`` is a spec: see :meth:`LocalLM.load`.
+
+    The stages: :func:`check_request`, :func:`open_corpus`, load the model, search and
+    :func:`sources_of`, :func:`fit_sources`, :func:`generate_greedy` or :func:`generate_nest`,
+    then :func:`cite_statements` (``cite``).
     """
-    if not question or not question.strip():
-        raise InputError("the question is empty; pass a question, e.g. tessera ask \"How do I open a file?\"")
-    if k < 0:
-        raise InputError(f"--k must be 0 or more, got {k}")
-    if decode not in ("greedy", "nest"):
-        raise InputError(f"unknown --decode {decode!r}; use greedy or nest")
-    if decode == "nest" and temperature > 0:
-        raise InputError("--decode nest is deterministic; leave --temperature at 0")
-    if retriever not in RETRIEVERS:
-        raise InputError(f"unknown retriever {retriever!r}; use one of {', '.join(RETRIEVERS)}")
+    check_request(question, k=k, decode=decode, temperature=temperature, retriever=retriever)
     timings: dict[str, float] = {}
-    t = time.perf_counter()
-    index = corpus if isinstance(corpus, CorpusIndex) else CorpusIndex.open(corpus)
-    if retriever != "bm25" and k:
-        index.dense(encoder)  # load or build (and cache) the dense index and its encoder up front,
-        index.encoder(encoder)  # so that retrieve_s is search time only
-    timings["index_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    model = lm if isinstance(lm, LocalLM) else LocalLM.load(lm, engine=engine, url=lm_url)
-    timings["load_model_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    hits: list[Hit] = index.search(question, k, retriever=retriever, encoder=encoder) if k else []
-    timings["retrieve_s"] = time.perf_counter() - t
-    sources = [Source(h.rank, h.passage.doc_id, h.passage.title, h.passage.id, h.score, h.passage.text, h.passage.start, h.passage.end) for h in hits]
+    with _timed(timings, "index_s"):
+        index = open_corpus(corpus, retriever=retriever, k=k, encoder=encoder)
+    with _timed(timings, "load_model_s"):
+        model = lm if isinstance(lm, LocalLM) else LocalLM.load(lm, engine=engine, url=lm_url)
+    with _timed(timings, "retrieve_s"):
+        hits: list[Hit] = index.search(question, k, retriever=retriever, encoder=encoder) if k else []
+    sources = sources_of(hits)
 
     budget = min(max_prompt_tokens, model.context_window - max_new_tokens)
     sources, input_ids = fit_sources(model, question, sources, budget)
     if on_sources:
         on_sources(sources)
 
-    stats = GenerationStats()
     nest_result = None
     if decode == "nest":
-        from tessera.attribution.nest import nest_answer
-
-        if not sources:
-            raise InputError("--decode nest needs retrieved passages; use --k 1 or more with a corpus that matches the question")
-        nest_result = nest_answer(model, index, question, input_ids, passages=sources, max_new_tokens=max_new_tokens, on_token=on_token)
-        answer = nest_result.text
-        ns = nest_result.stats
-        stats = GenerationStats(prompt_tokens=ns.prompt_tokens, new_tokens=ns.new_tokens, time_to_first_token_s=ns.prefill_s,
-                                total_s=ns.generate_s, stop_reason=ns.stop_reason)
+        answer, stats, nest_result = generate_nest(model, index, question, input_ids, sources, max_new_tokens, on_token)
     else:
-        pieces = []
-        for piece in model.stream(input_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stats=stats):
-            pieces.append(piece)
-            if on_token:
-                on_token(piece)
-        answer = "".join(pieces)
+        answer, stats = generate_greedy(model, input_ids, max_new_tokens, temperature, seed, on_token)
+    answer = answer.strip()
     timings["generate_s"] = stats.total_s
     timings["time_to_first_token_s"] = stats.time_to_first_token_s
     if on_answer:
-        on_answer(answer.strip())
-    statements = []
-    if cite and sources and answer.strip():
-        from tessera.attribution.selfcite import cite_answer
+        on_answer(answer)
 
-        t = time.perf_counter()
-        statements = cite_answer(model, question, sources, best_of=best_of, answer=answer.strip(), seed=seed,
-                                 should_stop=should_stop)
-        timings["cite_s"] = time.perf_counter() - t
-    return AskResult(question=question, answer=answer.strip(), sources=sources, model=model.name, corpus=index.name,
+    statements = []
+    if cite and sources and answer:
+        with _timed(timings, "cite_s"):
+            statements = cite_statements(model, question, sources, answer, best_of=best_of, seed=seed, should_stop=should_stop)
+    return AskResult(question=question, answer=answer, sources=sources, model=model.name, corpus=index.name,
                      stats=stats, timings=timings, retriever=retriever, decode=decode, statements=statements, nest=nest_result)

@@ -251,20 +251,8 @@ def checkpoint_show(path: str = typer.Argument(..., help="A checkpoint folder.")
                       "optimizer_entries": len(ck["optimizer"]["state"]) if ck["optimizer"] else 0}, indent=1))
 
 
-def run_app(typer_app) -> None:
-    """Run a typer app with tessera's error contract: a TesseraError is one line on stderr, exit 2."""
-    try:
-        typer_app()
-    except TesseraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted; run the command again (unfinished caches are discarded and rebuilt)", file=sys.stderr)
-        sys.exit(130)
-
-
 def main() -> None:
-    run_app(app)
+    ui.run_app(app)
 
 
 if __name__ == "__main__":

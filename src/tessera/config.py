@@ -55,37 +55,46 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """The one way tessera writes a file: yields a temporary path in the same folder to write to
+    (with ``torch.save``, ``np.save``, ``save_file``, ``open``), then renames it onto ``path``.
+
+    Readers see the old file or the new one, never half of one.  The temporary name ends in
+    ``.tmp``: a writer that infers the format from the name is told it (``savefig(format=...)``,
+    ``np.save`` to an open file).  The file gets mode 0644 (``mkstemp`` makes 0600; results are
+    meant to be shared).  On any exception the temporary
+    file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_savefig(fig, path: str | Path, **savefig_kw) -> Path:
-    """``fig.savefig(path, **savefig_kw)`` through a temporary file and a rename (mode 0644); closes ``fig``."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, **savefig_kw)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_savefig(fig, path: str | Path, **savefig_kw) -> Path:
+    """``fig.savefig(path, **savefig_kw)`` through :func:`atomic_file`; closes ``fig``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(path) as tmp:
+            savefig_kw.setdefault("format", Path(path).suffix.lstrip(".") or None)
+            fig.savefig(tmp, **savefig_kw)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 @contextlib.contextmanager

@@ -52,3 +52,17 @@ def status(message: str):
 def info(message: str) -> None:
     if not is_quiet():
         console.print(message)
+
+
+def run_app(typer_app) -> None:
+    """Run a typer app with tessera's error contract: a TesseraError is one line on stderr, exit 2."""
+    from tessera.errors import TesseraError
+
+    try:
+        typer_app()
+    except TesseraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the command again (unfinished caches are discarded and rebuilt)", file=sys.stderr)
+        sys.exit(130)

@@ -10,6 +10,8 @@ import torch
 from attribution_fixtures import one_thread  # noqa: F401  (module-scoped autouse: one torch thread)
 
 from tessera.attribution import nest as N
+from tessera.attribution import nest_baselines as B
+from tessera.attribution import nest_store as S
 from tessera.data.chunking import Passage
 from tessera.data.types import Document
 from tessera.errors import ContextTooLongError, EmptyCorpusError, InputError, TesseraError
@@ -105,8 +107,8 @@ def test_spans_render_and_ratio(tiny_lm):
     tok = tiny_lm.tokenizer
     ids = tok(" hello world again", add_special_tokens=False)["input_ids"]
     assert len(ids) == 3
-    srcs = [None, N.TokenSource("d1", "d1#0", 10, 16), N.TokenSource("d1", "d1#0", 16, 22)]
-    r = N.make_result(tiny_lm, ids, srcs, N.NestStats())
+    srcs = [None, S.TokenSource("d1", "d1#0", 10, 16), S.TokenSource("d1", "d1#0", 16, 22)]
+    r = S.make_result(tiny_lm, ids, srcs, S.NestStats())
     assert [s.copied for s in r.spans] == [False, True]
     assert r.spans[1].start == 10 and r.spans[1].end == 22 and r.spans[1].n_tokens == 2
     assert r.render() == " hello world again [d1]"
@@ -121,7 +123,7 @@ def test_spans_render_and_ratio(tiny_lm):
 
 def test_datastore_offsets_point_into_documents(tiny_lm):
     ps = _passages(size=120, overlap=30)
-    ds, info = N.build_datastore(tiny_lm, ps, cache=False, progress=False)
+    ds, info = S.build_datastore(tiny_lm, ps, cache=False, progress=False)
     assert info.built == len(ps) and info.cached == 0 and len(ds) == info.tokens > 0
     texts = {d.id: d.text for d in DOCS}
     for i in range(len(ds)):
@@ -136,21 +138,21 @@ def test_datastore_offsets_point_into_documents(tiny_lm):
 
 def test_key_cache_is_reused_and_invalidated(tiny_lm, tessera_home):
     ps = _passages()[:2]
-    ds1, info1 = N.build_datastore(tiny_lm, ps, progress=False)
+    ds1, info1 = S.build_datastore(tiny_lm, ps, progress=False)
     files = sorted((tessera_home / "nest" / "keys").rglob("*.safetensors"))
     assert info1.built + info1.cached == 2 and len(files) >= 2
     assert not list((tessera_home / "nest").rglob("*.tmp"))
-    ds2, info2 = N.build_datastore(tiny_lm, ps, progress=False)
+    ds2, info2 = S.build_datastore(tiny_lm, ps, progress=False)
     assert info2.cached == 2 and info2.built == 0
     assert torch.equal(ds1.keys, ds2.keys) and torch.equal(ds1.values, ds2.values) and torch.equal(ds1.starts, ds2.starts)
     changed = Passage(ps[1].id, ps[1].doc_id, ps[1].title, ps[1].text.replace("1807", "1808"), ps[1].start, ps[1].end)
-    ds3, info3 = N.build_datastore(tiny_lm, [ps[0], changed], progress=False)
+    ds3, info3 = S.build_datastore(tiny_lm, [ps[0], changed], progress=False)
     assert info3.cached == 1 and info3.built == 1
     assert not torch.equal(ds3.keys, ds1.keys)
     # a corrupt cache file is recomputed, not trusted
-    path = N.key_cache_path(tiny_lm, ps[0])
+    path = S.key_cache_path(tiny_lm, ps[0])
     path.write_bytes(b"garbage")
-    ds4, info4 = N.build_datastore(tiny_lm, ps, progress=False)
+    ds4, info4 = S.build_datastore(tiny_lm, ps, progress=False)
     assert info4.built == 1 and torch.equal(ds4.keys, ds1.keys)
 
 
@@ -183,13 +185,13 @@ def _naive_mixture_greedy(lm, ds, ids, cfg, n):
 @torch.inference_mode()
 def test_strict_gamma_accepts_nothing_and_equals_mixture_greedy(tiny_lm):
     ps = _passages()
-    ds, _ = N.build_datastore(tiny_lm, ps, cache=False, progress=False)
+    ds, _ = S.build_datastore(tiny_lm, ps, cache=False, progress=False)
     ids = N.encode_prompt(tiny_lm, "Sea otters are marine mammals native to")
     cfg = N.NestConfig(gamma=1.5, delta=1.01, token_k=64)  # always propose, never accept
     res = N.nest_decode(tiny_lm, ds, ids, cfg, max_new_tokens=12)
     assert res.stats.copied_tokens == 0 and res.stats.proposals > 0
     assert set(res.stats.accepted_span_lengths) == {0}
-    ref = N.knn_lm_generate(tiny_lm, ds, ids, 12, config=cfg, knn_lambda=None)
+    ref = B.knn_lm_generate(tiny_lm, ds, ids, 12, config=cfg, knn_lambda=None)
     assert res.token_ids == ref.token_ids
     assert res.token_ids == _naive_mixture_greedy(tiny_lm, ds, ids, cfg, len(res.token_ids))
     assert res.stats.forward_passes == len(res.token_ids) - 1  # one pass per token, no span passes
@@ -198,7 +200,7 @@ def test_strict_gamma_accepts_nothing_and_equals_mixture_greedy(tiny_lm):
 @torch.inference_mode()
 def test_used_positions_are_never_copied_twice(tiny_lm):
     ps = _passages(size=150, overlap=60)  # overlapping passages of the same documents
-    ds, _ = N.build_datastore(tiny_lm, ps, cache=False, progress=False)
+    ds, _ = S.build_datastore(tiny_lm, ps, cache=False, progress=False)
     ids = N.encode_prompt(tiny_lm, "Sea otters are")
     cfg = N.NestConfig(gamma=0.0, delta=1.01, window=16)  # accept everything, always propose
     res = N.nest_decode(tiny_lm, ds, ids, cfg, max_new_tokens=260)
@@ -238,16 +240,16 @@ def test_copies_the_exact_continuation_and_attributes_it(embedded_lm, tmp_path):
 
 @torch.inference_mode()
 def test_baselines_run_in_the_same_harness(tiny_lm):
-    ds, _ = N.build_datastore(tiny_lm, _passages(), cache=False, progress=False)
+    ds, _ = S.build_datastore(tiny_lm, _passages(), cache=False, progress=False)
     ids = N.encode_prompt(tiny_lm, "Mount Erebus is")
-    g = N.greedy_generate(tiny_lm, ids, 10)
+    g = B.greedy_generate(tiny_lm, ids, 10)
     ref = tiny_lm.model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tiny_lm.tokenizer.pad_token_id)
     assert g.token_ids == [t for t in ref[0, ids.shape[1]:].tolist()][: len(g.token_ids)]
-    knn = N.knn_lm_generate(tiny_lm, ds, ids, 10)
+    knn = B.knn_lm_generate(tiny_lm, ds, ids, 10)
     assert knn.method == "knn-lm" and knn.stats.new_tokens == len(knn.token_ids) and knn.stats.copied_tokens == 0
-    rag_ids = N.encode_prompt(tiny_lm, N.rag_prompt(ds.passages, "Mount Erebus is"))
-    pl = N.prompt_lookup_generate(tiny_lm, rag_ids, 10)
-    assert pl.token_ids == N.greedy_generate(tiny_lm, rag_ids, 10).token_ids
+    rag_ids = N.encode_prompt(tiny_lm, B.rag_prompt(ds.passages, "Mount Erebus is"))
+    pl = B.prompt_lookup_generate(tiny_lm, rag_ids, 10)
+    assert pl.token_ids == B.greedy_generate(tiny_lm, rag_ids, 10).token_ids
 
 
 def test_nest_answer_uses_ask_sources_as_datastore(tiny_lm):

@@ -549,7 +549,7 @@ VALID_KNOW = {"docs.jsonl": _jsonl(*KNOW_DOCS[:2]), "qa.jsonl": _jsonl(*KNOW_QA)
 
 
 def _read_knowledge(root, seed, sb):
-    from tessera.knowledge.data import read_knowledge
+    from tessera.data.knowledge import read_knowledge
 
     k = read_knowledge(root / "docs.jsonl", root / "qa.jsonl", seed=seed)
     assert k.test_qa and k.train_qa

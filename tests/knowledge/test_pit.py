@@ -138,7 +138,7 @@ def test_exact_match_normalization():
 
 
 def test_majority_answer_floor():
-    from tessera.knowledge.data import KnowledgeQA
+    from tessera.data.knowledge import KnowledgeQA
     from tessera.knowledge.evaluate import majority_baseline
 
     train = [KnowledgeQA(f"t{i}", f"p{i}", "q", a, "city") for i, a in enumerate(["Lyon", "Lyon", "Porto"])]
@@ -162,7 +162,7 @@ def _write_user_data(tmp_path, bad_qa_line: str | None = None):
 
 
 def test_read_user_data_and_errors_name_file_and_line(tmp_path):
-    from tessera.knowledge.data import read_knowledge
+    from tessera.data.knowledge import read_knowledge
 
     docs, qa = _write_user_data(tmp_path)
     kset = read_knowledge(docs, qa, test_fraction=0.5, seed=0)

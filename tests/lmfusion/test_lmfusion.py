@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from tessera.errors import InputError, ModelNotFoundError
-from tessera.models.lmfusion import (CONFIG_NAME, WEIGHTS_NAME, FlopMeter, LMFusionConfig, LMFusionLM, LMFusionModel,
-                                     caption_images, generate_images, image_prefix, load_base, trainable_positions)
+from tessera.models.lmfusion import CONFIG_NAME, WEIGHTS_NAME, LMFusionModel, load_base
 from tessera.models.lmfusion_data import LMFusionData
+from tessera.models.lmfusion_modules import LMFusionConfig
+from tessera.models.lmfusion_objective import FlopMeter, LMFusionLM, trainable_positions
+from tessera.models.lmfusion_sampling import caption_images, generate_images, image_prefix
 from tessera.models.masks import transfusion_mask
 from tessera.models.modality import IMAGE
 
@@ -392,7 +394,7 @@ def test_samplers_with_guidance_generate_the_asked_digit(sampler):
     the digit CNN).  Guards the DDIM x0-clipping mismatch that collapsed every guided sample to one image."""
     from tessera.models import diffusion as D
     from tessera.models.classifier import train_digit_classifier
-    from tessera.models.lmfusion import make_sampler
+    from tessera.models.lmfusion_sampling import make_sampler
 
     torch.set_num_threads(1)
     eps, images, labels = _conditional_digit_denoiser()

@@ -33,7 +33,10 @@ from tessera.attribution.format import (
     Span,
     Statement,
     attach,
+    parse_citation,
+    split_statements,
 )
+from tessera.attribution.kvcache import prefix_cache
 from tessera.errors import Cancelled, ContextTooLongError
 from tessera.lm.local import sample_next
 
@@ -336,8 +339,6 @@ def generate_cited(
     an optional hook polled before every forward pass; when it returns true,
     :class:`~tessera.errors.Cancelled` is raised (see :func:`check_stop`).
     """
-    from tessera.attribution.format import parse_citation
-
     if mode not in ("answer-first", "inline"):
         raise ValueError(f"mode must be 'answer-first' or 'inline', got {mode!r}")
     prompt_ids = prompt.ids()
@@ -345,15 +346,36 @@ def generate_cited(
     check_prompt_fits(lm, prompt, max_new_tokens)
     dec = CitedDecoder(lm, prompt_ids, should_stop)
     generator = torch.Generator(device=lm.device).manual_seed(seed) if temperature > 0 else None
-    text = ""
-    statements: list[tuple[str, list[Span], int, int, int]] = []  # text, spans, char a, char b, cite char
-    finished = False
     forced = list(answer_statements) if answer_statements is not None else None
-    cite_budget = max_cite_tokens_for(n)
     if forced is None and mode == "answer-first":
         forced = _free_answer(dec, max_new_tokens // 2, max_statements, temperature, top_p, generator)
         if not forced:  # nothing usable: fall back to inline statements
             forced = None
+    text, statements = _write_statements(dec, n, forced, max_new_tokens, max_statements, max_statement_tokens,
+                                         temperature, top_p, generator, min_words)
+    dec.sync(text)
+    return _cited_response(lm, prompt, prompt_ids, dec, text, statements)
+
+
+_Written = tuple[str, list[Span], int, int, int]  # statement text, spans, char start, char end, char after <cite>
+
+
+def _write_statements(dec: CitedDecoder, n: int, forced: list[str] | None, max_new_tokens: int, max_statements: int,
+                      max_statement_tokens: int, temperature: float, top_p: float, generator,
+                      min_words: int) -> tuple[str, list[_Written]]:
+    """The statement loop of :func:`generate_cited`: the response text and what was written.
+
+    Each statement is ``<statement>`` (forced), its text (the next of ``forced``, or
+    the model's own when ``forced`` is ``None``), then its citation
+    (:func:`_cite_statement`).  Stops after ``max_statements``, when the forced
+    statements run out, when the token budget would not hold another cited
+    statement, on an empty statement (its ``<statement>`` is taken back) or when the
+    model ends its answer.
+    """
+    text = ""
+    statements: list[_Written] = []
+    finished = False
+    cite_budget = max_cite_tokens_for(n)
     while not finished and len(statements) < max_statements:
         if forced is not None and not forced:
             break
@@ -372,20 +394,34 @@ def generate_cited(
             text = text[: -len(STATEMENT_OPEN)]
             dec.sync(text)
             break
-        text += stmt
-        e_char = len(text)
-        text += CITE_OPEN
-        dec.sync(text)
-        c_char = len(text)
-        body = decode_citation(dec, n, 0.0 if forced is not None else temperature, top_p, generator)
-        spans = parse_citation(body, n)
-        text += body + CLOSE
-        dec.sync(text)
-        statements.append((stmt, spans, s_char, e_char, c_char))
+        text, written = _cite_statement(dec, text, stmt, s_char, n, 0.0 if forced is not None else temperature, top_p,
+                                        generator)
+        statements.append(written)
         if not finished and forced is None:
             nxt = int(dec.last_logits.argmax())
-            finished = nxt in lm.stop_ids
+            finished = nxt in dec.lm.stop_ids
+    return text, statements
+
+
+def _cite_statement(dec: CitedDecoder, text: str, stmt: str, s_char: int, n: int, temperature: float, top_p: float,
+                    generator) -> tuple[str, _Written]:
+    """Append ``stmt<cite>`` to ``text`` (which ends with ``<statement>`` at ``s_char``), decode the citation
+    under the grammar and close the tags; returns the new text and the statement's record."""
+    text += stmt
+    e_char = len(text)
+    text += CITE_OPEN
     dec.sync(text)
+    c_char = len(text)
+    body = decode_citation(dec, n, temperature, top_p, generator)
+    spans = parse_citation(body, n)
+    text += body + CLOSE
+    dec.sync(text)
+    return text, (stmt, spans, s_char, e_char, c_char)
+
+
+def _cited_response(lm, prompt: CitePrompt, prompt_ids: list[int], dec: CitedDecoder, text: str,
+                    statements: list[_Written]) -> CitedResponse:
+    """The :class:`CitedResponse`: statements with their cited sentences and token positions, the KV cache, counts."""
     response_ids = dec.response_ids()
     stmt_objs, stmt_tokens, cite_tokens = [], [], []
     for stmt, spans, a, b, c in statements:
@@ -404,8 +440,6 @@ def _free_answer(dec: CitedDecoder, max_tokens: int, max_statements: int, temper
                  generator) -> list[str]:
     """The model's plain answer (stops at end of text, ``max_tokens`` or once it holds
     ``max_statements`` complete sentences), split into sentences."""
-    from tessera.attribution.selfcite import split_statements
-
     new: list[int] = []
     text = ""
     for _ in range(max_tokens):
@@ -469,8 +503,6 @@ def sample_citations(lm, cache, prefix_ids: list[int], n_sentences: int, n: int 
     range) and counts of forward calls and tokens.  ``should_stop`` is polled before
     every forward pass (see :func:`check_stop`).
     """
-    from tessera.attribution.selfcite import prefix_cache
-
     vocab = cite_vocab(lm.tokenizer)
     vocab_map = dict(vocab)
     device = lm.device

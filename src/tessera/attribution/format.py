@@ -220,6 +220,13 @@ def format_response(statements: Iterable[Statement | tuple[str, list[Span]]]) ->
     return "".join(parts)
 
 
+def split_statements(answer: str) -> list[str]:
+    """An answer's sentences (pysbd), the statements to cite."""
+    from tessera.data.chunking import split_sentences
+
+    return [" ".join(answer[a:b].split()) for a, b in split_sentences(answer)]
+
+
 @dataclass
 class ParseStats:
     """Counts of what the lenient parser repaired or dropped (all 0 for well-formed output)."""

@@ -96,9 +96,7 @@ def print_result(result) -> None:
 
 
 def main() -> None:
-    from tessera.cli import run_app
-
-    run_app(nest_app)
+    ui.run_app(nest_app)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ from tessera.attribution.format import (
     parse_citation,
     span_numbers,
     spans_from_numbers,
+    split_statements,
 )
+from tessera.attribution.kvcache import plain_dynamic, prefix_cache
 
 LENGTH_LIMIT = 384  # SelfCite: cited text longer than this (tokens) with > 1 sentence is penalised
 LENGTH_PENALTY = 1000.0
@@ -121,29 +123,6 @@ class ScoreStats:
         return dict(self.__dict__)
 
 
-def _plain_dynamic(cache) -> bool:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and getattr(layer, "is_initialized", False) for layer in layers)
-
-
-def prefix_cache(cache, length: int, batch: int = 1, config=None):
-    """A new cache holding the first ``length`` positions of ``cache`` repeated ``batch`` times
-    (``cache`` is left untouched); ``None`` when the cache type does not allow it."""
-    from transformers import DynamicCache
-
-    if cache is None or length <= 0 or not _plain_dynamic(cache):
-        return None
-    data = []
-    for layer in cache.layers:
-        k, v = layer.keys[:, :, :length], layer.values[:, :, :length]
-        if batch > 1:
-            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-        data.append((k, v))
-    return DynamicCache(ddp_cache_data=data)
-
-
 @torch.inference_mode()
 def mean_token_logprob(model, ids: Sequence[int], n_last: int) -> float:
     """Mean log-probability of the last ``n_last`` tokens of ``ids``: one full forward pass, no cache.
@@ -177,7 +156,7 @@ class SelfCiteScorer:
         self.reuse_cache = reuse_cache
         self.should_stop = should_stop
         self.stats = ScoreStats()
-        self._base = response.cache if reuse_cache and _plain_dynamic(response.cache) else None
+        self._base = response.cache if reuse_cache and plain_dynamic(response.cache) else None
         self._full: dict[int, float] = {}
         self._memo: dict[tuple[int, tuple[int, ...]], CitationScore] = {}
 
@@ -473,13 +452,6 @@ def cite(lm, context, question: str, best_of: int = 0, search: bool = False, ans
     result.stats["generation"] = dict(response.stats, seconds=gen_s)
     result.stats["seconds"] = time.perf_counter() - t0
     return result
-
-
-def split_statements(answer: str) -> list[str]:
-    """An answer's sentences (pysbd), the statements to cite."""
-    from tessera.data.chunking import split_sentences
-
-    return [" ".join(answer[a:b].split()) for a, b in split_sentences(answer)]
 
 
 def cite_answer(lm, question: str, passages: Sequence, best_of: int = 0, answer: str | None = None,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tessera.btx.data import Domain
 from tessera.btx.train import TrainSettings
-from tessera.config import atomic_dir
+from tessera.config import atomic_dir, atomic_write_text
 from tessera.errors import InputError, TesseraError
 
 
@@ -138,7 +138,7 @@ def branch_train(seed_model: str, domains: list[Domain], out_root: str | Path, s
         spec = {"seed_model": str(seed_model), "domain": asdict(d), "out": str(folder), "settings": asdict(settings),
                 "seq_len": seq_len, "max_train_blocks": max_train_blocks, "threads": threads_per_expert}
         spec_file = out_root / f"spec-{d.name}.json"
-        spec_file.write_text(json.dumps(spec, indent=2))
+        atomic_write_text(spec_file, json.dumps(spec, indent=2))
         jobs.append((d, spec_file))
     running: list = []
     failures = []

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tessera.config import atomic_dir
+from tessera.config import atomic_dir, atomic_file
 from tessera.errors import InputError, ModelNotFoundError
 
 ROUTER_INITS = ("normal", "zero", "hidden")
@@ -167,6 +167,144 @@ def router_init_tensor(mode: str, num_experts: int, hidden: int, generator=None,
     return (torch.randn(num_experts, hidden, generator=generator) * std).to(dtype or torch.float32)
 
 
+def _resolve_expert_paths(experts, seed_model, include_seed: bool, variant: str, router_init: str) -> tuple[list[Path], list[Path]]:
+    """Check the mixing options and resolve the expert folders: ``(domain expert paths, FFN source paths)``."""
+    if variant not in ("moe", "split", "blend"):
+        raise InputError(f"variant={variant!r}; use moe, split or blend")
+    if router_init not in ROUTER_INITS:
+        raise InputError(f"router_init={router_init!r}; use one of {', '.join(ROUTER_INITS)}")
+    paths = [Path(p).expanduser() for p in experts]
+    if not paths:
+        raise InputError("no experts given; pass at least one expert folder")
+    for p in paths:
+        if not p.is_dir():
+            raise ModelNotFoundError(f"expert folder {p} not found; pass the folders that btx-branch wrote")
+    if include_seed:
+        if seed_model is None:
+            raise InputError("include_seed needs the seed model; pass --seed-model")
+        from tessera import hub
+
+        seed_path = Path(hub.resolve_lm(str(seed_model)))
+        ffn_paths = paths + [seed_path]
+    else:
+        ffn_paths = list(paths)
+    return paths, ffn_paths
+
+
+def _expert_layout(inter: int, n_ffn: int, *, variant: str, chunks: int, experts_per_token: int, routing: str,
+                   router_init: str, router_prompts) -> tuple[int, int, int]:
+    """``(number of MoE experts, expert intermediate size, experts per token)`` for a variant, validated."""
+    if variant == "split":
+        if chunks < 1 or inter % chunks:
+            raise InputError(f"chunks={chunks} must divide intermediate_size={inter}")
+        n_exp, i_exp, k = n_ffn * chunks, inter // chunks, experts_per_token * chunks
+    elif variant == "blend":
+        if inter % n_ffn:
+            raise InputError(f"blend needs intermediate_size={inter} divisible by the number of FFNs ({n_ffn})")
+        n_exp, i_exp, k = n_ffn, (inter // n_ffn) * n_ffn, experts_per_token
+    else:
+        n_exp, i_exp, k = n_ffn, inter, experts_per_token
+    if routing == "soft":
+        k = n_exp
+    if not 1 <= k <= n_exp:
+        raise InputError(f"experts_per_token={k} must lie in 1..{n_exp} (the number of experts)")
+    if router_init == "hidden" and (router_prompts is None or len(router_prompts) != n_exp or not all(router_prompts)):
+        raise InputError(f"router_init=hidden needs prompts for each of the {n_exp} experts; pass --prompts or use normal/zero")
+    return n_exp, i_exp, k
+
+
+class _ShardWriter:
+    """Collects tensors (cast to ``dtype``) into safetensors shards of about ``shard_bytes`` under ``folder``."""
+
+    def __init__(self, folder: Path, dtype, shard_bytes: int):
+        self.folder, self.dtype, self.shard_bytes = folder, dtype, shard_bytes
+        self.shard: dict = {}
+        self.shard_files: list[tuple[str, list[str]]] = []
+        self.size = 0
+        self.n_params = 0
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.shard:
+            name = f"part-{len(self.shard_files):05d}.safetensors"
+            save_file(self.shard, str(self.folder / name), metadata={"format": "pt"})
+            self.shard_files.append((name, list(self.shard)))
+            self.shard, self.size = {}, 0
+
+    def put(self, key: str, t) -> None:
+        self.shard[key] = t.to(self.dtype).contiguous()
+        self.size += t.numel() * t.element_size()
+        self.n_params += t.numel()
+        if self.size >= self.shard_bytes:
+            self.flush()
+
+    def rename_shards(self) -> dict[str, str]:
+        """Give the shards their final ``model-i-of-n`` names; the weight map of the tensors written."""
+        total = len(self.shard_files)
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.shard_files):
+            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(self.folder / name, self.folder / final)
+            weight_map.update({k_: final for k_ in keys})
+        return weight_map
+
+
+def _put_averaged_weights(writer: _ShardWriter, weights: list[_Weights], avg_weights: list[_Weights], paths: list[Path]) -> None:
+    """Write every non-FFN tensor (attention, embeddings, norms, head) as the mean over the domain experts."""
+    import torch
+
+    non_ffn = [k_ for k_ in weights[0].keys() if ".mlp." not in k_ and "rotary_emb" not in k_]
+    for key in non_ffn:
+        for w, p in zip(avg_weights, paths):
+            if key not in w.keys():
+                raise InputError(f"{p} lacks tensor {key}; all experts must branch from the same seed")
+        acc = avg_weights[0].get(key).to(torch.float32)
+        for w in avg_weights[1:]:
+            acc += w.get(key).to(torch.float32)
+        writer.put(key, acc / len(avg_weights))
+
+
+def _put_experts_and_routers(writer: _ShardWriter, weights: list[_Weights], n_layers: int, *, variant: str, chunks: int,
+                             router_init: str, n_exp: int, hidden: int, gen, router_std: float) -> dict:
+    """Write every layer's MoE expert FFNs; return the new routers (written to their own shard later)."""
+    router: dict = {}
+    for layer in range(n_layers):
+        for e, ffn in enumerate(_expert_ffn_tensors(weights, layer, variant, chunks)):
+            for name, t in ffn.items():
+                writer.put(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{name}.weight", t)
+        router[f"model.layers.{layer}.block_sparse_moe.gate.weight"] = router_init_tensor(
+            "zero" if router_init == "hidden" else router_init, n_exp, hidden, gen, writer.dtype, router_std)
+    return router
+
+
+def _write_router_and_index(writer: _ShardWriter, router: dict) -> int:
+    """Write the router shard and ``model.safetensors.index.json``; the number of shards."""
+    import torch
+    from safetensors.torch import save_file
+
+    writer.flush()
+    for t in router.values():
+        writer.n_params += t.numel()
+    tmp = writer.folder
+    save_file({k_: v.contiguous() for k_, v in router.items()}, str(tmp / ROUTER_SHARD), metadata={"format": "pt"})
+    total = len(writer.shard_files)
+    weight_map = writer.rename_shards()
+    weight_map.update({k_: ROUTER_SHARD for k_ in router})
+    total_size = writer.n_params * torch.tensor([], dtype=writer.dtype).element_size()
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total + 1
+
+
+def _copy_side_files(cfg, src: Path, tmp: Path) -> None:
+    """The Mixtral config, the tokenizer and the generation config of the first expert."""
+    cfg.save_pretrained(tmp)
+    _copy_tokenizer(src, tmp)
+    if (src / "generation_config.json").is_file():
+        shutil.copy(src / "generation_config.json", tmp / "generation_config.json")
+
+
 def mix_experts(experts: list[str | Path], out: str | Path, *, seed_model: str | Path | None = None,
                 include_seed: bool = False, variant: str = "moe", chunks: int = 2, experts_per_token: int = 2,
                 router_init: str = "normal", router_std: float = 0.02, router_prompts: list[list[str]] | None = None,
@@ -192,118 +330,36 @@ def mix_experts(experts: list[str | Path], out: str | Path, *, seed_model: str |
       exactly ``topk`` and (with ``experts_per_token = E``) ``soft``; see :mod:`tessera.btx.routing`.
     """
     import torch
-    from safetensors.torch import save_file
 
     t0 = time.perf_counter()
-    if variant not in ("moe", "split", "blend"):
-        raise InputError(f"variant={variant!r}; use moe, split or blend")
-    if router_init not in ROUTER_INITS:
-        raise InputError(f"router_init={router_init!r}; use one of {', '.join(ROUTER_INITS)}")
-    paths = [Path(p).expanduser() for p in experts]
-    if not paths:
-        raise InputError("no experts given; pass at least one expert folder")
-    for p in paths:
-        if not p.is_dir():
-            raise ModelNotFoundError(f"expert folder {p} not found; pass the folders that btx-branch wrote")
-    if include_seed:
-        if seed_model is None:
-            raise InputError("include_seed needs the seed model; pass --seed-model")
-        from tessera import hub
-
-        seed_path = Path(hub.resolve_lm(str(seed_model)))
-        ffn_paths = paths + [seed_path]
-    else:
-        ffn_paths = list(paths)
+    paths, ffn_paths = _resolve_expert_paths(experts, seed_model, include_seed, variant, router_init)
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} exists and is not empty; pass a new folder (or --overwrite)")
     configs = [_load_config(p) for p in ffn_paths]
     _check_compatible(configs, ffn_paths)
     seed_cfg = configs[0]
-    n_ffn = len(ffn_paths)
-    inter = seed_cfg.intermediate_size
-    if variant == "split":
-        if chunks < 1 or inter % chunks:
-            raise InputError(f"chunks={chunks} must divide intermediate_size={inter}")
-        n_exp, i_exp, k = n_ffn * chunks, inter // chunks, experts_per_token * chunks
-    elif variant == "blend":
-        if inter % n_ffn:
-            raise InputError(f"blend needs intermediate_size={inter} divisible by the number of FFNs ({n_ffn})")
-        n_exp, i_exp, k = n_ffn, (inter // n_ffn) * n_ffn, experts_per_token
-    else:
-        n_exp, i_exp, k = n_ffn, inter, experts_per_token
-    if routing == "soft":
-        k = n_exp
-    if not 1 <= k <= n_exp:
-        raise InputError(f"experts_per_token={k} must lie in 1..{n_exp} (the number of experts)")
-    if router_init == "hidden" and (router_prompts is None or len(router_prompts) != n_exp or not all(router_prompts)):
-        raise InputError(f"router_init=hidden needs prompts for each of the {n_exp} experts; pass --prompts or use normal/zero")
+    n_exp, i_exp, k = _expert_layout(seed_cfg.intermediate_size, len(ffn_paths), variant=variant, chunks=chunks,
+                                     experts_per_token=experts_per_token, routing=routing, router_init=router_init,
+                                     router_prompts=router_prompts)
 
     weights = [_Weights(p) for p in ffn_paths]
-    avg_weights = weights[: len(paths)]
     dtype = weights[0].get("model.embed_tokens.weight").dtype
     cfg = mixtral_config_from(seed_cfg, n_exp, k, i_exp, **({"btx_routing": routing} if routing != "topk" else {}))
     gen = torch.Generator().manual_seed(seed)
 
     with atomic_dir(out) as tmp:
-        shard: dict = {}
-        shard_files: list[tuple[str, list[str]]] = []
-        size = 0
-        n_params = 0
-
-        def flush():
-            nonlocal shard, size
-            if shard:
-                name = f"part-{len(shard_files):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                shard_files.append((name, list(shard)))
-                shard, size = {}, 0
-
-        def put(key, t):
-            nonlocal size, n_params
-            shard[key] = t.to(dtype).contiguous()
-            size += t.numel() * t.element_size()
-            n_params += t.numel()
-            if size >= shard_bytes:
-                flush()
-
-        router: dict = {}
-        non_ffn = [k_ for k_ in weights[0].keys() if ".mlp." not in k_ and "rotary_emb" not in k_]
-        for key in non_ffn:
-            for w, p in zip(avg_weights, paths):
-                if key not in w.keys():
-                    raise InputError(f"{p} lacks tensor {key}; all experts must branch from the same seed")
-            acc = avg_weights[0].get(key).to(torch.float32)
-            for w in avg_weights[1:]:
-                acc += w.get(key).to(torch.float32)
-            put(key, acc / len(avg_weights))
-        for layer in range(seed_cfg.num_hidden_layers):
-            for e, ffn in enumerate(_expert_ffn_tensors(weights, layer, variant, chunks)):
-                for name, t in ffn.items():
-                    put(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{name}.weight", t)
-            router[f"model.layers.{layer}.block_sparse_moe.gate.weight"] = router_init_tensor(
-                "zero" if router_init == "hidden" else router_init, n_exp, cfg.hidden_size, gen, dtype, router_std)
-        flush()
-        for t in router.values():
-            n_params += t.numel()
-        save_file({k_: v.contiguous() for k_, v in router.items()}, str(tmp / ROUTER_SHARD), metadata={"format": "pt"})
-        total = len(shard_files)
-        weight_map = {}
-        for i, (name, keys) in enumerate(shard_files):
-            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(tmp / name, tmp / final)
-            weight_map.update({k_: final for k_ in keys})
-        weight_map.update({k_: ROUTER_SHARD for k_ in router})
-        index = {"metadata": {"total_size": n_params * torch.tensor([], dtype=dtype).element_size()}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        cfg.save_pretrained(tmp)
-        _copy_tokenizer(paths[0], tmp)
-        if (paths[0] / "generation_config.json").is_file():
-            shutil.copy(paths[0] / "generation_config.json", tmp / "generation_config.json")
+        writer = _ShardWriter(tmp, dtype, shard_bytes)
+        _put_averaged_weights(writer, weights, weights[: len(paths)], paths)
+        router = _put_experts_and_routers(writer, weights, seed_cfg.num_hidden_layers, variant=variant, chunks=chunks,
+                                          router_init=router_init, n_exp=n_exp, hidden=cfg.hidden_size, gen=gen,
+                                          router_std=router_std)
+        n_shards = _write_router_and_index(writer, router)
+        _copy_side_files(cfg, paths[0], tmp)
         if router_init == "hidden":
             hidden_router_init(tmp, router_prompts)
         report = MixReport(out=str(out), num_experts=n_exp, experts_per_token=k, expert_sources=[str(p) for p in ffn_paths],
-                           variant=variant, router_init=router_init, seconds=0.0, shards=total + 1, params=n_params,
+                           variant=variant, router_init=router_init, seconds=0.0, shards=n_shards, params=writer.n_params,
                            extra={"chunks": chunks if variant == "split" else None, "routing": routing, "include_seed": include_seed})
         report.seconds = time.perf_counter() - t0
         (tmp / "btx_mix.json").write_text(json.dumps(report.to_dict(), indent=2))
@@ -370,5 +426,6 @@ def hidden_router_init(folder: str | Path, prompts: list[list[str]], max_tokens:
         mean = sums / count
         rows[:, e] = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     dtype = next(model.parameters()).dtype
-    save_file({f"model.layers.{i}.block_sparse_moe.gate.weight": rows[i].to(dtype).contiguous() for i in range(n_layers)},
-              str(folder / ROUTER_SHARD), metadata={"format": "pt"})
+    with atomic_file(folder / ROUTER_SHARD) as tmp:
+        save_file({f"model.layers.{i}.block_sparse_moe.gate.weight": rows[i].to(dtype).contiguous()
+                   for i in range(n_layers)}, str(tmp), metadata={"format": "pt"})

@@ -169,7 +169,7 @@ def qa_pairs(person: Person, attributes: tuple[str, ...] = ATTRIBUTES) -> list[d
 
 def build_bios(n_people: int = 200, test_fraction: float = 0.5, seed: int = 0, bios_per_person: int = 1,
                permute: bool = False, fullname: bool = False, attributes: tuple[str, ...] | list[str] = ATTRIBUTES):
-    """The testbed as a :class:`~tessera.knowledge.data.KnowledgeSet`.
+    """The testbed as a :class:`~tessera.data.knowledge.KnowledgeSet`.
 
     ``bios_per_person`` > 1 with ``permute``/``fullname`` gives bioS's augmented variants
     ("multi5+permute+fullname").  Test people are a seeded random ``test_fraction``.
@@ -180,7 +180,7 @@ def build_bios(n_people: int = 200, test_fraction: float = 0.5, seed: int = 0, b
     unknown = [a for a in attributes if a not in ATTRIBUTES]
     if unknown or not attributes:
         raise InputError(f"unknown or no attributes {unknown}; choose from {', '.join(ATTRIBUTES)}")
-    from tessera.knowledge.data import KnowledgeDoc, KnowledgeQA, KnowledgeSet, split_entities
+    from tessera.data.knowledge import KnowledgeDoc, KnowledgeQA, KnowledgeSet, split_entities
 
     if bios_per_person < 1:
         raise InputError(f"bios_per_person must be at least 1, got {bios_per_person}")

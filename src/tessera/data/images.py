@@ -11,6 +11,7 @@ from tessera.errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
 PathLike = str | os.PathLike
 
@@ -65,3 +66,19 @@ def load_digits_8x8() -> tuple[np.ndarray, np.ndarray]:
 
     d = load_digits()
     return d.images.astype(np.uint8), d.target.astype(np.int64)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, (H/p)*(W/p), C*p*p]`` in raster order."""
+    N, C, H, W = images.shape
+    if H % patch or W % patch:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch size {patch}")
+    x = images.reshape(N, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(N, (H // patch) * (W // patch), C * patch * patch)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, height: int, width: int, channels: int = 1) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    N = patches.shape[0]
+    x = patches.reshape(N, height // patch, width // patch, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(N, channels, height, width)

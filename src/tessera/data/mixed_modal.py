@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from tessera.errors import InputError
-from tessera.models.modality import IMAGE, TEXT
+
+TEXT, IMAGE = 0, 1  # modality ids of a token (the mixed-modal models dispatch on them)
+MODALITIES = ("text", "image")
 
 PAD, BOS, EOS, BOI, EOI = 256, 257, 258, 259, 260
 N_BYTE_SPECIAL = 261
@@ -133,7 +135,7 @@ class PatchCodebook:
 
     @staticmethod
     def _patches(images: np.ndarray, patch: int) -> np.ndarray:
-        from tessera.models.diffusion import patchify
+        from tessera.data.images import patchify
 
         return patchify(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None], patch).numpy()
 
@@ -142,7 +144,7 @@ class PatchCodebook:
         return torch.cdist(p, torch.from_numpy(self.centers)[None]).argmin(-1).numpy().astype(np.int64)
 
     def decode(self, codes) -> torch.Tensor:
-        from tessera.models.diffusion import unpatchify
+        from tessera.data.images import unpatchify
 
         x = torch.from_numpy(self.centers)[torch.as_tensor(codes, dtype=torch.long).cpu()]
         return unpatchify(x, self.patch, self.height, self.width)[:, 0].clamp(0, 1)
@@ -234,7 +236,7 @@ class MixedModalData:
         return [self.vocab.image_offset + int(c) for c in (self.codes[i] if codes is None else codes)]
 
     def image_patches(self, i: int, image: np.ndarray | None = None) -> np.ndarray:
-        from tessera.models.diffusion import patchify
+        from tessera.data.images import patchify
 
         x = torch.from_numpy((self.images[i] if image is None else image)[None, None] * 2.0 - 1.0)
         return patchify(x, self.patch_size)[0].numpy()

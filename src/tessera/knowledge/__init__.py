@@ -1,6 +1,6 @@
 """Knowledge learning (PIT, pre-instruction-tuning): data, schedules, training and QA evaluation."""
 
-from tessera.knowledge.data import KnowledgeDoc, KnowledgeQA, KnowledgeSet, read_knowledge, split_entities
+from tessera.data.knowledge import KnowledgeDoc, KnowledgeQA, KnowledgeSet, read_knowledge, split_entities
 from tessera.knowledge.evaluate import (answer_recall, evaluate_qa, exact_match, majority_baseline, normalize_answer,
                                         storage_gate)
 from tessera.knowledge.format import KnowledgeCollator, encode_document, encode_qa

@@ -119,7 +119,7 @@ def majority_baseline(train_qa: list, test_qa: list) -> dict:
 def storage_gate(model, tokenizer, docs: list, *, per_entity: int = 1, batch_size: int = 64) -> dict:
     """Completion accuracy (in %) of the attribute values inside ``docs``, overall and per attribute.
 
-    ``docs``: :class:`~tessera.knowledge.data.KnowledgeDoc` rows with ``spans`` (synthetic biographies
+    ``docs``: :class:`~tessera.data.knowledge.KnowledgeDoc` rows with ``spans`` (synthetic biographies
     from :func:`tessera.data.bios.build_bios`); the first ``per_entity`` documents of each entity are used.
     The model reads the document up to each value (BOS + the text before it, as the document stage
     trained it) and completes it greedily; a hit is a completion whose normalized text is the value's or

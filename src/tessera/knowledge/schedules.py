@@ -109,7 +109,7 @@ def kept_qa_ids(kset, keep_qa: int, seed: int) -> tuple[str, ...]:
 def build_plan(kset, schedule: int, *, doc_epochs: float = 10.0, qa_epochs: float = 3.0, doc_lr: float = 3e-5,
                qa_lr: float = 5e-6, keep_qa: int = PAPER_KEEP_QA, seed: int = 0,
                lengths: dict[tuple[str, str], int] | None = None, budget_tokens: int | None = None) -> Plan:
-    """Unroll ``schedule`` on ``kset`` (a :class:`~tessera.knowledge.data.KnowledgeSet`).
+    """Unroll ``schedule`` on ``kset`` (a :class:`~tessera.data.knowledge.KnowledgeSet`).
 
     Paper values (PIT section 2, Llama-2 7B): documents 10 epochs at lr 3e-5, QA at lr 5e-6
     (1 epoch for standard instruction-tuning, 3 for PIT; one ``qa_epochs`` here, so that

@@ -65,19 +65,23 @@ def run_file(gguf: Path) -> Path:
         return out
     import llama_cpp
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    from tessera.config import atomic_file
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
     params.allow_requantize = True
     params.nthread = max(1, torch.get_num_threads())
     try:
-        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-            return gguf  # could not repack: run the shipped file
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_file(out) as tmp:
+            if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+                raise _RepackFailed
+    except _RepackFailed:
+        return gguf  # could not repack: run the shipped file
     return out
+
+
+class _RepackFailed(Exception):
+    """llama.cpp's quantizer returned an error; the half-written file is dropped."""
 
 
 def _lcp(a: np.ndarray, b: Sequence[int], limit: int) -> int:

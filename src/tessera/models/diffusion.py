@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from tessera.data.images import patchify, unpatchify  # noqa: F401 (defined in data, the layer below; re-exported)
+
 NUM_TRAIN_TIMESTEPS = 1000  # Transfusion
 NUM_INFERENCE_STEPS = 250  # Transfusion
 
@@ -94,19 +96,3 @@ def ddpm_sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sh
             eps = eps_u + guidance_scale * (eps - eps_u)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[N, C, H, W] -> [N, (H/p)*(W/p), C*p*p]`` in raster order."""
-    N, C, H, W = images.shape
-    if H % patch or W % patch:
-        raise ValueError(f"image size {H}x{W} is not divisible by patch size {patch}")
-    x = images.reshape(N, C, H // patch, patch, W // patch, patch)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(N, (H // patch) * (W // patch), C * patch * patch)
-
-
-def unpatchify(patches: torch.Tensor, patch: int, height: int, width: int, channels: int = 1) -> torch.Tensor:
-    """Inverse of :func:`patchify`."""
-    N = patches.shape[0]
-    x = patches.reshape(N, height // patch, width // patch, channels, patch, patch)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(N, channels, height, width)

@@ -4,7 +4,7 @@ The captions, digit sets and the scoring of captions are the mixed-modal ones
 (:mod:`tessera.data.mixed_modal`: :data:`CAPTION_TEMPLATES`, :func:`caption_for`, :func:`parse_digit`,
 :func:`load_image_set`); only the text side changes, because LMFusion keeps the pretrained model's
 tokenizer and vocabulary instead of bytes.  BOI/EOI are the new ids of
-:class:`~tessera.models.lmfusion.LMFusionConfig` (``vocab_size``, ``vocab_size + 1``).  Sequences:
+:class:`~tessera.models.lmfusion_modules.LMFusionConfig` (``vocab_size``, ``vocab_size + 1``).  Sequences:
 
 - generation order (caption first; Transfusion: 80% of pairs): ``caption BOI <image> EOI EOS``;
   ``cond_dropout`` of them (10%, for classifier-free guidance) drop the caption: ``BOI <image> EOI EOS``

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-TEXT, IMAGE = 0, 1
-MODALITIES = ("text", "image")
+from tessera.data.mixed_modal import IMAGE, MODALITIES, TEXT  # noqa: F401 (defined in data, the layer below; re-exported)
 
 
 @dataclass

@@ -11,7 +11,7 @@ first N layers) -> :class:`~tessera.models.lmfusion.LMFusionModel` (image module
 modules, BOI/EOI as new rows, linear or U-Net patches) -> captioned digits in both orders
 (:mod:`tessera.models.lmfusion_data`, the mixed-modal captions) -> ``L_LM + 5 L_DDPM`` with frozen text
 modules, through the training loop of :mod:`tessera.train` (AdamW, warm-up + cosine, bf16 autocast on
-GPU) with the training FLOPs measured as executed (:class:`~tessera.models.lmfusion.FlopMeter`) ->
+GPU) with the training FLOPs measured as executed (:class:`~tessera.models.lmfusion_objective.FlopMeter`) ->
 validation losses -> text-to-image sampling with classifier-free guidance, scored by the mixed-modal
 digit classifier, and image-to-text through the base model's ``generate``, scored by the digit named
 -> proof that the text side is untouched (logits of a freshly loaded base model on WikiText text).
@@ -116,7 +116,9 @@ def build(cfg: Config, device: str):
 
     from tessera.data.mixed_modal import load_image_set, split_indices
     from tessera.data.paths import shared_data_dir
-    from tessera.models.lmfusion import LMFusionConfig, LMFusionLM, LMFusionModel, load_base
+    from tessera.models.lmfusion import LMFusionModel, load_base
+    from tessera.models.lmfusion_modules import LMFusionConfig
+    from tessera.models.lmfusion_objective import LMFusionLM
     from tessera.models.lmfusion_data import LMFusionData
 
     mnist_dir = cfg.mnist_dir or (str(shared_data_dir() / "mnist") if shared_data_dir() else None)
@@ -147,7 +149,7 @@ def generation_accuracy(model, tok, classifier, per_class: int, steps: int, guid
     import torch
 
     from tessera.data.mixed_modal import CAPTION_TEMPLATES, caption_for
-    from tessera.models.lmfusion import generate_images
+    from tessera.models.lmfusion_sampling import generate_images
 
     labels = [d for d in range(10) for _ in range(per_class)]
     caps = [caption_for(d, template or CAPTION_TEMPLATES[0]) for d in labels]
@@ -161,7 +163,7 @@ def understanding_accuracy(model, tok, images, labels, max_new_tokens: int = 8) 
     import torch
 
     from tessera.data.mixed_modal import parse_digit
-    from tessera.models.lmfusion import caption_images
+    from tessera.models.lmfusion_sampling import caption_images
 
     caps = caption_images(model, tok, torch.as_tensor(images), max_new_tokens=max_new_tokens)
     rows = [{"label": int(y), "caption": c, "parsed": parse_digit(c)} for c, y in zip(caps, labels)]
@@ -217,16 +219,44 @@ def _load_ckpt(path: Path, model, opt, rank: int = 0):
 
 
 def main(cfg: Config) -> Path:
-    import numpy as np
+    """The recipe, stage by stage: check the config, build, resume, train, evaluate, write ``results.json``."""
     import torch
 
-    from tessera import ui
-    from tessera.config import DumpDir
+    from tessera.models.scoring import validation_batches
+    from tessera.train import init_distributed, wrap_model
+
+    _check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = init_distributed(cfg.device)
+    dump_path = Path(cfg.dump_dir)
+
+    # 1. base LLM + image modules, data (nothing is written before these load), the judge classifier
+    model, objective, tok, train_data, val_data, train_idx, val_idx = build(cfg, info.device)
+    clf, clf_acc, dump, opt = _prepare_run(cfg, info, model, train_data, train_idx, val_idx, dump_path)
+    # 2. resume
+    state = _resume(cfg, info, model, opt, dump_path)
+    net = wrap_model(objective, info, "ddp" if info.world_size > 1 else "none", find_unused_parameters=True)
+    # 3. train, with the FLOPs that really run (frozen modules: no weight gradients)
+    val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
+    state = _train(cfg, info, net, model, objective, opt, state, train_data, train_idx, val_batches, dump,
+                   dump_path / "checkpoint")
+    # 4. final evaluation
+    results = _run_summary(cfg, info, model, objective, state, val_batches, clf_acc)
+    if info.is_main:
+        model.save_image_modules(dump_path / "image_modules", tok)
+        results["text_side"] = text_side_check(model, cfg, tok, info.device)
+    if cfg.final_eval and info.is_main:
+        results.update(_sample_and_caption(cfg, model, tok, clf, val_data, val_idx, dump_path))
+    if dump:
+        _write_results(dump, results)
+    return dump_path
+
+
+def _check_config(cfg: Config) -> None:
+    """Reject unknown choices and empty runs before anything loads."""
     from tessera.errors import InputError
-    from tessera.models.lmfusion import PATCHERS, FlopMeter
-    from tessera.models.scoring import drop_metrics_after, get_classifier, mean_val_losses, save_samples_png, validation_batches
-    from tessera.train import LoopState, cosine_lr, init_distributed, train_loop, wrap_model
-    from tessera.train.checkpoint import resolve_checkpoint
+    from tessera.models.lmfusion_modules import PATCHERS
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
@@ -236,13 +266,16 @@ def main(cfg: Config) -> Path:
         raise InputError(f"unknown dataset {cfg.dataset!r}; use digits or mnist")
     if cfg.patcher not in PATCHERS:
         raise InputError(f"unknown patcher {cfg.patcher!r}; use linear or unet")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    info = init_distributed(cfg.device)
-    dump_path = Path(cfg.dump_dir)
 
-    # 1. base LLM + image modules, data (nothing is written before these load), the judge classifier
-    model, objective, tok, train_data, val_data, train_idx, val_idx = build(cfg, info.device)
+
+def _prepare_run(cfg: Config, info, model, train_data, train_idx, val_idx, dump_path: Path):
+    """``(classifier, its val accuracy, DumpDir or None, optimizer)``: the judge classifier (cached in the
+    dump dir), the dump dir itself (rank 0) and AdamW over the trainable parameters."""
+    import torch
+
+    from tessera.config import DumpDir
+    from tessera.models.scoring import get_classifier
+
     dump_path.mkdir(parents=True, exist_ok=True)
     clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
                                   steps=cfg.classifier_steps, seed=cfg.seed)
@@ -250,11 +283,18 @@ def main(cfg: Config) -> Path:
     dump = DumpDir(dump_path, cfg, fresh=False) if info.is_main else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+    return clf, clf_acc, dump, opt
 
-    # 2. resume
-    ckpt = dump_path / "checkpoint"
+
+def _resume(cfg: Config, info, model, opt, dump_path: Path):
+    """The loop state of the latest checkpoint (loaded into ``model`` and ``opt``), or a fresh one."""
+    from tessera import ui
+    from tessera.models.scoring import drop_metrics_after
+    from tessera.train import LoopState
+    from tessera.train.checkpoint import resolve_checkpoint
+
     state = LoopState()
-    found = resolve_checkpoint(ckpt) if cfg.resume else None
+    found = resolve_checkpoint(dump_path / "checkpoint") if cfg.resume else None
     if found is not None:
         state = _load_ckpt(found, model, opt, info.rank)
         if info.is_main:  # drop metric rows logged after the checkpoint
@@ -262,10 +302,19 @@ def main(cfg: Config) -> Path:
         ui.info(f"resumed from {found} at step {state.step}")
     elif info.is_main:
         (dump_path / "metrics.jsonl").unlink(missing_ok=True)
-    net = wrap_model(objective, info, "ddp" if info.world_size > 1 else "none", find_unused_parameters=True)
+    return state
 
-    # 3. train, with the FLOPs that really run (frozen modules: no weight gradients)
-    val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
+
+def _train(cfg: Config, info, net, model, objective, opt, state, train_data, train_idx, val_batches, dump, ckpt: Path):
+    """The training loop of :mod:`tessera.train` under a :class:`~tessera.models.lmfusion_objective.FlopMeter`,
+    with train/eval rows in ``metrics.jsonl`` and checkpoints; returns the final loop state."""
+    import numpy as np
+
+    from tessera import ui
+    from tessera.models.lmfusion_objective import FlopMeter
+    from tessera.models.scoring import mean_val_losses
+    from tessera.train import LoopState, cosine_lr, train_loop
+
     meter = FlopMeter()
 
     def get_batch(step: int) -> dict:
@@ -297,8 +346,15 @@ def main(cfg: Config) -> Path:
             state = train_loop(net, opt, get_batch, cfg.steps, state, info, flops_fn=lambda b: meter.delta(),
                                lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
                                grad_clip=cfg.grad_clip, on_step=on_step)
+    return state
 
-    # 4. final evaluation
+
+def _run_summary(cfg: Config, info, model, objective, state, val_batches, clf_acc: float) -> dict:
+    """The run's figures: config, parameters, FLOPs, tokens, step time, validation losses."""
+    import numpy as np
+
+    from tessera.models.scoring import mean_val_losses
+
     n_params = model.num_params()
     results: dict = {"freeze_text": cfg.freeze_text, "base_model": cfg.base_model, "layers": model.cfg.layers,
                      "dataset": cfg.dataset, "patcher": cfg.patcher, "params": n_params, "model_config": model.cfg.to_dict(),
@@ -307,25 +363,31 @@ def main(cfg: Config) -> Path:
     times = state.step_times[5:] or state.step_times
     results["median_step_s"] = float(np.median(times)) if times else None
     results["val"] = mean_val_losses(objective, val_batches, info.device, cfg.seed)
-    if info.is_main:
-        model.save_image_modules(dump_path / "image_modules", tok)
-        results["text_side"] = text_side_check(model, cfg, tok, info.device)
-    if cfg.final_eval and info.is_main:
-        acc, imgs, labs = generation_accuracy(model, tok, clf, cfg.sample_per_class, cfg.sample_steps,
-                                              cfg.guidance_scale, cfg.seed, sampler=cfg.sampler)
-        results["generation_accuracy"] = round(acc, 4)
-        results["guidance_scale"] = cfg.guidance_scale
-        sel = val_idx[:cfg.n_caption_eval]
-        u_acc, rows = understanding_accuracy(model, tok, val_data.images[sel], val_data.labels[sel], cfg.caption_tokens)
-        results["understanding_accuracy"] = round(u_acc, 4)
-        results["caption_examples"] = rows[:5]
-        save_samples_png(imgs, labs, dump_path / "samples.png",
-                         f"LMFusion ({'frozen text' if cfg.freeze_text else 'unfrozen'}) generation accuracy {acc:.2f}")
-    if dump:
-        dump.write_results(results)
-        summary = {k: results.get(k) for k in ("val", "generation_accuracy", "understanding_accuracy")}
-        ui.info(f"lmfusion-train: {json.dumps(summary)}")
-    return dump_path
+    return results
+
+
+def _sample_and_caption(cfg: Config, model, tok, clf, val_data, val_idx, dump_path: Path) -> dict:
+    """Text to image (judged by the classifier, ``samples.png``) and image to text (the digit named)."""
+    from tessera.models.scoring import save_samples_png
+
+    acc, imgs, labs = generation_accuracy(model, tok, clf, cfg.sample_per_class, cfg.sample_steps,
+                                          cfg.guidance_scale, cfg.seed, sampler=cfg.sampler)
+    out: dict = {"generation_accuracy": round(acc, 4), "guidance_scale": cfg.guidance_scale}
+    sel = val_idx[:cfg.n_caption_eval]
+    u_acc, rows = understanding_accuracy(model, tok, val_data.images[sel], val_data.labels[sel], cfg.caption_tokens)
+    out["understanding_accuracy"] = round(u_acc, 4)
+    out["caption_examples"] = rows[:5]
+    save_samples_png(imgs, labs, dump_path / "samples.png",
+                     f"LMFusion ({'frozen text' if cfg.freeze_text else 'unfrozen'}) generation accuracy {acc:.2f}")
+    return out
+
+
+def _write_results(dump, results: dict) -> None:
+    from tessera import ui
+
+    dump.write_results(results)
+    summary = {k: results.get(k) for k in ("val", "generation_accuracy", "understanding_accuracy")}
+    ui.info(f"lmfusion-train: {json.dumps(summary)}")
 
 
 __all__ = ["Config", "main", "build", "generation_accuracy", "understanding_accuracy", "text_side_check"]

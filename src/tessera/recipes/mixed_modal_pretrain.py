@@ -159,10 +159,7 @@ def _text_docs(cfg: Config) -> tuple[list[str], list[str], str]:
 
 def build_data(cfg: Config, dump: Path | None = None):
     """``(train_data, val_data, train_idx, val_idx, codes_to_images, info)``; trains/loads the VQ tokenizer for MNIST."""
-    import numpy as np
-    import torch
-
-    from tessera.data.mixed_modal import MixedModalData, PatchCodebook, load_image_set, split_indices, text_stream
+    from tessera.data.mixed_modal import MixedModalData, load_image_set, split_indices, text_stream
     from tessera.data.paths import shared_data_dir
     from tessera.errors import InputError
 
@@ -178,44 +175,7 @@ def build_data(cfg: Config, dump: Path | None = None):
             "augment_shift": cfg.augment_shift, "augment_gain": cfg.augment_gain}
     codes, n_codes, codes_to_images, encode = None, 0, None, None
     if cfg.setting == "chameleon":
-        if cfg.dataset == "digits" and cfg.digit_tokens == "pixels":  # pixel-value tokens: 17 grey levels
-            codes = np.rint(images.reshape(len(images), -1) * 16).astype(np.int64)
-            n_codes = 17
-
-            def codes_to_images(c):
-                return c.float().view(-1, 8, 8) / 16.0
-
-            def encode(imgs):
-                return np.rint(imgs.reshape(len(imgs), -1) * 16).astype(np.int64)
-        elif cfg.dataset == "digits":  # one token per 2x2 patch: nearest entry of a k-means codebook
-            book = PatchCodebook.fit(images[train_idx], cfg.digit_codes, patch=2, seed=0)
-            info["codebook_reconstruction_mse"] = round(book.reconstruction_mse(images[val_idx]), 5)
-            codes, n_codes, encode, codes_to_images = book.encode(images), cfg.digit_codes, book.encode, book.decode
-        else:
-            from tessera.models.vq import VQTokenizer, train_vq_tokenizer
-
-            from tessera.train.checkpoint import load_tensors, save_tensors
-
-            path = dump / "vq.safetensors" if dump is not None else None
-            if path is not None and path.is_file():
-                vq = VQTokenizer(n_codes=cfg.vq_codes)
-                vq.load_state_dict(load_tensors(path))
-                vq.eval()
-            else:
-                vq, mse = train_vq_tokenizer(images[train_idx], steps=cfg.vq_steps, n_codes=cfg.vq_codes, seed=cfg.seed)
-                info["vq_reconstruction_mse"] = round(mse, 5)
-                if path is not None:
-                    save_tensors(path, vq.state_dict())
-            codes = torch.cat([vq.encode(torch.from_numpy(images[i:i + 1000])) for i in range(0, len(images), 1000)]).numpy()
-            n_codes = cfg.vq_codes
-            H, W = images.shape[1:]
-
-            def codes_to_images(c):
-                return vq.decode(c, H, W)
-
-            def encode(imgs):
-                with torch.no_grad():
-                    return vq.encode(torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))).numpy()
+        codes, n_codes, codes_to_images, encode = _image_tokens(cfg, images, train_idx, val_idx, dump, info)
     patch = cfg.patch_size or (2 if cfg.dataset == "digits" else 4)
     common = dict(codes=codes, n_image_codes=n_codes, patch_size=patch, text_fraction=cfg.text_fraction,
                   caption_first=cfg.caption_first)
@@ -227,22 +187,114 @@ def build_data(cfg: Config, dump: Path | None = None):
     return train, val, train_idx, val_idx, codes_to_images, info
 
 
-def main(cfg: Config) -> Path:
+def _image_tokens(cfg: Config, images, train_idx, val_idx, dump: Path | None, info: dict):
+    """Chameleon setting: images as discrete tokens, ``(codes, n_codes, codes_to_images, encode)``.
+
+    8x8 digits: the pixel values (17 grey levels) or one token per 2x2 patch (nearest entry of a k-means
+    codebook); MNIST: a VQ tokenizer trained here (:func:`_vq_tokens`).  Reconstruction errors go to ``info``.
+    """
     import numpy as np
+
+    from tessera.data.mixed_modal import PatchCodebook
+
+    if cfg.dataset == "digits" and cfg.digit_tokens == "pixels":  # pixel-value tokens: 17 grey levels
+        codes = np.rint(images.reshape(len(images), -1) * 16).astype(np.int64)
+
+        def codes_to_images(c):
+            return c.float().view(-1, 8, 8) / 16.0
+
+        def encode(imgs):
+            return np.rint(imgs.reshape(len(imgs), -1) * 16).astype(np.int64)
+
+        return codes, 17, codes_to_images, encode
+    if cfg.dataset == "digits":  # one token per 2x2 patch: nearest entry of a k-means codebook
+        book = PatchCodebook.fit(images[train_idx], cfg.digit_codes, patch=2, seed=0)
+        info["codebook_reconstruction_mse"] = round(book.reconstruction_mse(images[val_idx]), 5)
+        return book.encode(images), cfg.digit_codes, book.decode, book.encode
+    return _vq_tokens(cfg, images, train_idx, dump, info)
+
+
+def _vq_tokens(cfg: Config, images, train_idx, dump: Path | None, info: dict):
+    """MNIST: ``(codes, n_codes, codes_to_images, encode)`` of a VQ tokenizer, loaded from ``dump/vq.safetensors``
+    or trained on the training images (and saved there)."""
+    import numpy as np
+    import torch
+
+    from tessera.models.vq import VQTokenizer, train_vq_tokenizer
+    from tessera.train.checkpoint import load_tensors, save_tensors
+
+    path = dump / "vq.safetensors" if dump is not None else None
+    if path is not None and path.is_file():
+        vq = VQTokenizer(n_codes=cfg.vq_codes)
+        vq.load_state_dict(load_tensors(path))
+        vq.eval()
+    else:
+        vq, mse = train_vq_tokenizer(images[train_idx], steps=cfg.vq_steps, n_codes=cfg.vq_codes, seed=cfg.seed)
+        info["vq_reconstruction_mse"] = round(mse, 5)
+        if path is not None:
+            save_tensors(path, vq.state_dict())
+    codes = torch.cat([vq.encode(torch.from_numpy(images[i:i + 1000])) for i in range(0, len(images), 1000)]).numpy()
+    H, W = images.shape[1:]
+
+    def codes_to_images(c):
+        return vq.decode(c, H, W)
+
+    def encode(imgs):
+        with torch.no_grad():
+            return vq.encode(torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))).numpy()
+
+    return codes, cfg.vq_codes, codes_to_images, encode
+
+
+def main(cfg: Config) -> Path:
+    """The recipe, stage by stage: check the config, data, model, resume, train, evaluate, write ``results.json``."""
     import torch
 
     from tessera import ui
     from tessera.config import DumpDir
+    from tessera.models.scoring import get_classifier, validation_batches
+    from tessera.train import init_distributed
+
+    _check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    dump_path = Path(cfg.dump_dir)
+
+    # 1. data (and, for MNIST + Chameleon, the VQ tokenizer), the judge classifier
+    dump_path.mkdir(parents=True, exist_ok=True)
+    train_data, val_data, train_idx, val_idx, codes_to_images, data_info = build_data(cfg, dump_path if info.is_main else None)
+    clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
+                                  steps=cfg.classifier_steps, seed=cfg.seed, shift=cfg.augment_shift)
+    dump = DumpDir(dump_path, cfg, fresh=False) if info.is_main else None
+    # 2. the model and its objective (seeded here: a cached classifier must not change the draws)
+    torch.manual_seed(cfg.seed)
+    mcfg, model, core, opt = _build_model(cfg, info, train_data)
+    # 3. resume (into the wrapped model: a full state dict is sharded by FSDP, loaded by every DDP rank)
+    state = _resume(cfg, info, model, opt, dump_path)
+    # 4. train
+    val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
+    routings = routings_for(cfg.variant, cfg.aux_router)
+    state = _train(cfg, info, mcfg, model, core, opt, state, train_data, train_idx, val_batches, routings, dump,
+                   dump_path / "checkpoint")
+    # 5. final evaluation: losses (both routings), generation and captioning accuracy
+    results = _run_summary(cfg, info, mcfg, core, state, train_data, val_batches, routings, data_info, clf_acc)
+    if cfg.final_eval:
+        results.update(_generation_and_captioning(cfg, core, val_data, val_idx, clf, codes_to_images, routings,
+                                                  dump_path if dump else None))
+    if dump:
+        dump.write_results(results)
+        summary = {k: results[k] for k in ("val", "generation", "captioning") if k in results}
+        ui.info(f"{cfg.setting}/{cfg.variant}: {json.dumps(summary)}")
+    return dump_path
+
+
+def _check_config(cfg: Config) -> None:
+    """Reject unknown variants, router noises and prediction types, and empty runs, before anything loads."""
     from tessera.errors import InputError
     from tessera.models.decoder import parse_variant
-    from tessera.models.flops import batch_train_flops, forward_flops_per_token
-    from tessera.models.modality import IMAGE, TEXT
-    from tessera.models.objectives import MixedModalLM
     from tessera.models.routers import ROUTER_NOISES
-    from tessera.models.sampling import captioning_accuracy, generation_accuracy
-    from tessera.models.scoring import drop_metrics_after, get_classifier, mean_val_losses, save_samples_png, validation_batches
-    from tessera.train import LoopState, cosine_lr, init_distributed, load_checkpoint, save_checkpoint, train_loop, unwrap, wrap_model
-    from tessera.train.checkpoint import resolve_checkpoint
 
     try:
         parse_variant(cfg.variant)
@@ -256,21 +308,15 @@ def main(cfg: Config) -> Path:
 
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"unknown prediction_type {cfg.prediction_type!r}; pass one of {', '.join(PREDICTION_TYPES)}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    info = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    dump_path = Path(cfg.dump_dir)
 
-    # 1. data (and, for MNIST + Chameleon, the VQ tokenizer), the judge classifier
-    dump_path.mkdir(parents=True, exist_ok=True)
-    train_data, val_data, train_idx, val_idx, codes_to_images, data_info = build_data(cfg, dump_path if info.is_main else None)
-    clf, clf_acc = get_classifier(train_data, train_idx, val_idx, dump_path if info.is_main else None,
-                                  steps=cfg.classifier_steps, seed=cfg.seed, shift=cfg.augment_shift)
-    dump = DumpDir(dump_path, cfg, fresh=False) if info.is_main else None
 
-    # 2. the model and its objective (seeded here: a cached classifier must not change the draws)
-    torch.manual_seed(cfg.seed)
+def _build_model(cfg: Config, info, train_data):
+    """``(model config, wrapped model, unwrapped MixedModalLM, AdamW)``; weight decay on matrices, not embeddings."""
+    import torch
+
+    from tessera.models.objectives import MixedModalLM
+    from tessera.train import unwrap, wrap_model
+
     mcfg = model_config(cfg, train_data.vocab.size, train_data.patch_dim, train_data.image_len)
     lm = MixedModalLM(mcfg, cfg.setting, diffusion_lambda=cfg.diffusion_lambda, aux_coef=cfg.aux_coef,
                       lb_coef=cfg.lb_coef, prediction_type=cfg.prediction_type,
@@ -282,11 +328,18 @@ def main(cfg: Config) -> Path:
     no_decay = [p for n, p in core.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return mcfg, model, core, opt
 
-    # 3. resume (into the wrapped model: a full state dict is sharded by FSDP, loaded by every DDP rank)
-    ckpt = dump_path / "checkpoint"
+
+def _resume(cfg: Config, info, model, opt, dump_path: Path):
+    """The loop state of the latest checkpoint (loaded into ``model`` and ``opt``), or a fresh one."""
+    from tessera import ui
+    from tessera.models.scoring import drop_metrics_after
+    from tessera.train import LoopState, load_checkpoint
+    from tessera.train.checkpoint import resolve_checkpoint
+
     state = LoopState()
-    found = resolve_checkpoint(ckpt) if cfg.resume else None
+    found = resolve_checkpoint(dump_path / "checkpoint") if cfg.resume else None
     if found is not None:
         state, _ = load_checkpoint(found, model, opt)
         if info.is_main:  # drop metric rows logged after the checkpoint
@@ -294,10 +347,19 @@ def main(cfg: Config) -> Path:
         ui.info(f"resumed from {found} at step {state.step}")
     elif info.is_main:
         (dump_path / "metrics.jsonl").unlink(missing_ok=True)
+    return state
 
-    # 4. train
-    val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
-    routings = routings_for(cfg.variant, cfg.aux_router)
+
+def _train(cfg: Config, info, mcfg, model, core, opt, state, train_data, train_idx, val_batches, routings, dump,
+           ckpt: Path):
+    """The training loop of :mod:`tessera.train` with analytic FLOPs per batch, train/eval rows in
+    ``metrics.jsonl`` (eval under every routing) and checkpoints; returns the final loop state."""
+    import numpy as np
+
+    from tessera import ui
+    from tessera.models.flops import batch_train_flops
+    from tessera.models.scoring import mean_val_losses
+    from tessera.train import LoopState, cosine_lr, save_checkpoint, train_loop
 
     def get_batch(step: int) -> dict:
         return train_data.batch(cfg.batch_size, np.random.default_rng([cfg.seed, info.rank, step]), train_idx)
@@ -328,8 +390,19 @@ def main(cfg: Config) -> Path:
                            flops_fn=lambda b: batch_train_flops(mcfg, b["modality"], cfg.setting),
                            lr_fn=lambda s: cosine_lr(s, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
                            grad_clip=cfg.grad_clip, on_step=on_step)
+    return state
 
-    # 5. final evaluation: losses (both routings), generation and captioning accuracy
+
+def _run_summary(cfg: Config, info, mcfg, core, state, train_data, val_batches, routings, data_info: dict,
+                 clf_acc: float) -> dict:
+    """The run's figures: data, parameters, training FLOPs per token and in all, step time, validation
+    losses under every routing."""
+    import numpy as np
+
+    from tessera.models.flops import forward_flops_per_token
+    from tessera.models.modality import IMAGE, TEXT
+    from tessera.models.scoring import mean_val_losses
+
     results: dict = {"setting": cfg.setting, "variant": cfg.variant, "data": data_info, "params": core.model.num_params(),
                      "model_config": mcfg.to_dict(), "classifier_val_accuracy": round(clf_acc, 4),
                      "train_flops_per_token": {m: 3 * forward_flops_per_token(mcfg, train_data.seq_len, i, cfg.setting)
@@ -339,26 +412,31 @@ def main(cfg: Config) -> Path:
     times = state.step_times[5:] or state.step_times
     results["median_step_s"] = float(np.median(times)) if times else None
     results["val"] = {r: mean_val_losses(core, val_batches, info.device, cfg.seed, routing=r) for r in routings}
-    if cfg.final_eval:
-        gen_routing = "aux" if "aux" in routings else "batch"
-        results["generation"], results["captioning"] = {}, {}
-        for r in routings:
-            acc, imgs, labs = generation_accuracy(core, val_data, clf, cfg.sample_per_class, r, cfg.seed,
-                                                  cfg.sample_steps, codes_to_images,
-                                                  guidance_scale=cfg.guidance_scale if cfg.setting == "transfusion" else 1.0)
-            results["generation"][r] = round(acc, 4)
-            cap_acc, rows = captioning_accuracy(core, val_data, val_idx[:cfg.n_caption_eval], r)
-            results["captioning"][r] = round(cap_acc, 4)
-            results.setdefault("caption_examples", {})[r] = rows[:5]
-            if dump and r == gen_routing:
-                save_samples_png(imgs, labs, dump_path / "samples.png",
-                                 f"{cfg.setting}/{cfg.variant} routing={r} classifier accuracy {acc:.2f}")
-        results["generation_routing_causal"] = gen_routing
-    if dump:
-        dump.write_results(results)
-        summary = {k: results[k] for k in ("val", "generation", "captioning") if k in results}
-        ui.info(f"{cfg.setting}/{cfg.variant}: {json.dumps(summary)}")
-    return dump_path
+    return results
+
+
+def _generation_and_captioning(cfg: Config, core, val_data, val_idx, clf, codes_to_images, routings,
+                               samples_dir: Path | None) -> dict:
+    """Image-from-caption accuracy (judged by ``clf``) and captioning accuracy under every routing; the
+    samples of the causal routing go to ``samples_dir / samples.png`` (rank 0 passes the dump dir)."""
+    from tessera.models.sampling import captioning_accuracy, generation_accuracy
+    from tessera.models.scoring import save_samples_png
+
+    gen_routing = "aux" if "aux" in routings else "batch"
+    out: dict = {"generation": {}, "captioning": {}}
+    for r in routings:
+        acc, imgs, labs = generation_accuracy(core, val_data, clf, cfg.sample_per_class, r, cfg.seed,
+                                              cfg.sample_steps, codes_to_images,
+                                              guidance_scale=cfg.guidance_scale if cfg.setting == "transfusion" else 1.0)
+        out["generation"][r] = round(acc, 4)
+        cap_acc, rows = captioning_accuracy(core, val_data, val_idx[:cfg.n_caption_eval], r)
+        out["captioning"][r] = round(cap_acc, 4)
+        out.setdefault("caption_examples", {})[r] = rows[:5]
+        if samples_dir is not None and r == gen_routing:
+            save_samples_png(imgs, labs, samples_dir / "samples.png",
+                             f"{cfg.setting}/{cfg.variant} routing={r} classifier accuracy {acc:.2f}")
+    out["generation_routing_causal"] = gen_routing
+    return out
 
 
 __all__ = ["Config", "main"]

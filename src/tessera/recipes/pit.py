@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -94,7 +93,7 @@ def load_data(cfg: Config):
     if cfg.data == "user":
         if not cfg.documents or not cfg.qa:
             raise InputError("data=user needs documents=DOCS.jsonl and qa=QA.jsonl")
-        from tessera.knowledge.data import read_knowledge
+        from tessera.data.knowledge import read_knowledge
 
         return read_knowledge(cfg.documents, cfg.qa, cfg.test_fraction, cfg.seed)
     raise InputError(f"data must be 'bios' or 'user', got {cfg.data!r}")
@@ -164,22 +163,60 @@ def plot_em(results: dict, path: Path, title: str) -> None:
 
 
 def main(cfg: Config) -> Path:
+    """The recipe, stage by stage: check the schedules, prepare the run, references, every schedule, write results."""
     import torch
-
-    from tessera import ui
-    from tessera.config import DumpDir, atomic_write_text
-    from tessera.data.jsonl import append_jsonl
-    from tessera.knowledge.evaluate import evaluate_qa, majority_baseline, storage_gate
-    from tessera.knowledge.schedules import DOCS_TEST, build_plan, check_schedule
-    from tessera.knowledge.train import TrainSettings, encode_all, eval_at_fractions, freeze_lower_layers, run_plan
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    _check_schedules(cfg)
+    t_start = time.perf_counter()
+    run = _prepare(cfg)
+    results = _results_header(run)
+    done = _reuse_and_references(run, results)
+    _run_schedules(run, done, results)
+    results["seconds"] = time.perf_counter() - t_start
+    run.dump.write_results(results)
+    if not run.dump.main:
+        return run.dump.path
+    _write_summaries(cfg, results, run.dump.path)
+    return run.dump.path
+
+
+@dataclass
+class _Run:
+    """What every schedule of one run shares: the data, the starting model, how to train and how to score."""
+
+    cfg: Config
+    kset: object
+    dump: object  # tessera.config.DumpDir
+    model: object
+    tok: object
+    init_state: dict  # the starting model's weights, restored before each schedule
+    encoded: dict
+    plan_kw: dict
+    budget: int | None  # schedule 2's token count when cfg.equal_budget
+    settings: object  # tessera.knowledge.train.TrainSettings
+    train_sample: list  # trained-on QA pairs scored after each schedule
+    eval_kw: dict
+    fingerprint: str
+
+
+def _check_schedules(cfg: Config) -> None:
+    from tessera.knowledge.schedules import check_schedule
+
     if not cfg.schedules:
         raise InputError("schedules is empty; pass e.g. schedules=[2,7]")
     for s in cfg.schedules:
         check_schedule(s)
-    t_start = time.perf_counter()
+
+
+def _prepare(cfg: Config) -> _Run:
+    """Load the data, open the dump dir, load the starting model, encode everything, size the plans."""
+    from tessera import ui
+    from tessera.config import DumpDir
+    from tessera.knowledge.schedules import build_plan
+    from tessera.knowledge.train import TrainSettings, encode_all
+
     kset = load_data(cfg)
     dump = DumpDir(cfg.dump_dir, cfg, fresh=False)
     model, tok = load_model(cfg, kset)
@@ -191,16 +228,28 @@ def main(cfg: Config) -> Path:
     budget = build_plan(kset, 2, **plan_kw).tokens if cfg.equal_budget else None
     settings = TrainSettings(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, weight_decay=cfg.weight_decay,
                              warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, quiet=ui.is_quiet())
-    test_qa = kset.test_qa
     train_sample = sorted(kset.train_qa, key=lambda q: hashlib.md5(f"{cfg.seed}:{q.id}".encode()).hexdigest())[:cfg.eval_train_qa]
-    contexts = {d.entity: d.text for d in reversed(kset.documents)}  # the entity's first document
     eval_kw = {"qa_format": cfg.qa_format, "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.eval_batch_size}
-    n_params = sum(p.numel() for p in model.parameters())
-    results: dict = {"config": asdict(cfg), "data": {**kset.summary(), **kset.meta}, "model": {
-        "lm": cfg.lm, "class": type(model).__name__, "parameters": n_params, "vocab": len(tok)},
-        "budget_tokens": budget, "references": {}, "schedules": []}
+    return _Run(cfg, kset, dump, model, tok, init_state, encoded, plan_kw, budget, settings, train_sample, eval_kw,
+                _fingerprint(cfg))
 
-    fp = _fingerprint(cfg)
+
+def _results_header(run: _Run) -> dict:
+    cfg, kset, model = run.cfg, run.kset, run.model
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"config": asdict(cfg), "data": {**kset.summary(), **kset.meta}, "model": {
+        "lm": cfg.lm, "class": type(model).__name__, "parameters": n_params, "vocab": len(run.tok)},
+        "budget_tokens": run.budget, "references": {}, "schedules": []}
+
+
+def _reuse_and_references(run: _Run, results: dict) -> dict[int, dict]:
+    """Reuse what an earlier run of the same config finished (references, schedule rows), drop the rest,
+    and score the references: the starting model closed- and open-book, the majority-answer floor.
+    Returns the finished schedules' rows by number."""
+    from tessera.knowledge.evaluate import evaluate_qa, majority_baseline
+
+    cfg, kset, dump, fp = run.cfg, run.kset, run.dump, run.fingerprint
+    contexts = {d.entity: d.text for d in reversed(kset.documents)}  # the entity's first document
     previous = _previous_references(dump.path / "results.json", fp) if cfg.references else None
     done = _done_rows(dump.path / "schedules.jsonl", fp)
     # a rerun (after a kill, say) keeps the metric rows of what it reuses and nothing else
@@ -211,79 +260,107 @@ def main(cfg: Config) -> Path:
         results["references"] = previous
     elif cfg.references:
         t = time.perf_counter()
-        closed = evaluate_qa(model, tok, test_qa, **eval_kw)
-        opened = evaluate_qa(model, tok, test_qa, contexts=contexts, **eval_kw)
+        closed = evaluate_qa(run.model, run.tok, kset.test_qa, **run.eval_kw)
+        opened = evaluate_qa(run.model, run.tok, kset.test_qa, contexts=contexts, **run.eval_kw)
         results["references"] = {"closed_book": _brief(closed), "open_book": _brief(opened), "seconds": time.perf_counter() - t}
         dump.log(stage="references", closed_book_em=closed["em"], open_book_em=opened["em"])
+    results["references"]["majority_answer"] = _brief(majority_baseline(kset.train_qa, kset.test_qa))
+    return done
 
-    results["references"]["majority_answer"] = _brief(majority_baseline(kset.train_qa, test_qa))
-    rows_path = dump.path / "schedules.jsonl"
+
+def _run_schedules(run: _Run, done: dict[int, dict], results: dict) -> None:
+    """Every schedule of ``cfg.schedules`` in order (finished ones reused), rows appended to ``results``."""
+    from tessera import ui
+
     with ui.progress() as bar:
-        task = bar.add_task("PIT schedules", total=len(cfg.schedules))
-        for number in cfg.schedules:
-            if number in done:
-                results["schedules"].append(done[number])
-                bar.advance(task)
-                continue
-            t = time.perf_counter()
-            model.load_state_dict(init_state)
-            trainable = freeze_lower_layers(model, cfg.trainable_top_layers)
-            plan = build_plan(kset, number, **plan_kw, budget_tokens=budget)
-            gate: dict = {}
-            last_doc_stage = max((k for k, st in enumerate(plan.stages) if DOCS_TEST in st.sources), default=None)
-
-            def after_stage(k, r, n=number, plan=plan, gate=gate, last=last_doc_stage):
-                dump.log(schedule=n, **r)
-                if cfg.storage_gate and k == last and any(d.spans for d in kset.test_docs):
-                    g = storage_gate(model, tok, kset.test_docs, batch_size=cfg.eval_batch_size)
-                    gate.update(accuracy=g["accuracy"], per_attribute=g["per_attribute"], n=g["n"], after_stage=k)
-                    dump.log(schedule=n, storage_gate=g["accuracy"])
-
-            curve: list = []
-
-            def callbacks_for(k, plan=plan, last=last_doc_stage, curve=curve):
-                if not (cfg.storage_gate and cfg.gate_curve > 0 and k == last and any(d.spans for d in kset.test_docs)):
-                    return None
-                epochs = plan.stages[k].epochs[DOCS_TEST]
-
-                def point(step, fraction):
-                    g = storage_gate(model, tok, kset.test_docs, batch_size=cfg.eval_batch_size)
-                    qa = evaluate_qa(model, tok, test_qa, **eval_kw)
-                    row = {"step": step, "test_doc_epochs": round(fraction * epochs, 2), "gate": g["accuracy"], "test_em": qa["em"]}
-                    curve.append(row)
-                    dump.log(schedule=plan.schedule, gate_curve=row)
-                    return row
-
-                return [eval_at_fractions([(i + 1) / cfg.gate_curve for i in range(cfg.gate_curve)], point)]
-
-            with tempfile.TemporaryDirectory(prefix="pit-", dir=dump.path if dump.main else None) as tmp:
-                history = run_plan(model, tok, plan, encoded, settings, tmp, on_stage=after_stage, callbacks_for=callbacks_for)
-            if gate and curve:
-                gate["curve"] = curve
-            t_train = time.perf_counter() - t
-            test = evaluate_qa(model, tok, test_qa, **eval_kw)
-            train = evaluate_qa(model, tok, train_sample, **eval_kw) if train_sample else None
-            row = {"schedule": number, "name": plan.name, "fingerprint": fp, "plan": plan.describe(), "history": history,
-                   "trainable_parameters": trainable, "storage_gate": gate or None, "test": _brief(test),
-                   "train_qa": _brief(train) if train else None,
-                   "train_seconds": t_train, "seconds": time.perf_counter() - t}
-            dump.log(schedule=number, test_em=test["em"], test_recall=test["recall"], train_qa_em=train["em"] if train else None)
-            if dump.main:  # under torchrun only rank 0 writes
-                if cfg.save_models:
-                    _save_model(model, tok, dump.path / f"model-{number}")
-                append_jsonl(rows_path, row)
-            results["schedules"].append(row)
-            stored = f", storage gate {gate['accuracy']:.1f}" if gate else ""
-            ui.info(f"schedule {number} ({plan.name}): test EM {test['em']:.1f}, recall {test['recall']:.1f}{stored}")
+        task = bar.add_task("PIT schedules", total=len(run.cfg.schedules))
+        for number in run.cfg.schedules:
+            results["schedules"].append(done[number] if number in done else _run_schedule(run, number))
             bar.advance(task)
-    results["seconds"] = time.perf_counter() - t_start
-    dump.write_results(results)
-    if not dump.main:
-        return dump.path
-    plot_em(results, dump.path / "em.png", f"PIT schedules, {cfg.lm}, test EM (seed {cfg.seed})")
-    atomic_write_text(dump.path / "summary.txt", "\n".join(
+
+
+def _run_schedule(run: _Run, number: int) -> dict:
+    """Train the starting model through schedule ``number``, score it on the test (and some train) QA,
+    append its row to ``schedules.jsonl`` (and save the model when asked); returns the row."""
+    from tessera import ui
+    from tessera.data.jsonl import append_jsonl
+    from tessera.knowledge.evaluate import evaluate_qa
+    from tessera.knowledge.schedules import DOCS_TEST, build_plan
+    from tessera.knowledge.train import freeze_lower_layers, run_plan
+
+    cfg, dump, model, tok, eval_kw = run.cfg, run.dump, run.model, run.tok, run.eval_kw
+    t = time.perf_counter()
+    model.load_state_dict(run.init_state)
+    trainable = freeze_lower_layers(model, cfg.trainable_top_layers)
+    plan = build_plan(run.kset, number, **run.plan_kw, budget_tokens=run.budget)
+    last_doc_stage = max((k for k, st in enumerate(plan.stages) if DOCS_TEST in st.sources), default=None)
+    gate: dict = {}
+    curve: list = []
+    after_stage, callbacks_for = _storage_gate_hooks(run, number, plan, last_doc_stage, gate, curve)
+    with tempfile.TemporaryDirectory(prefix="pit-", dir=dump.path if dump.main else None) as tmp:
+        history = run_plan(model, tok, plan, run.encoded, run.settings, tmp, on_stage=after_stage,
+                           callbacks_for=callbacks_for)
+    if gate and curve:
+        gate["curve"] = curve
+    t_train = time.perf_counter() - t
+    test = evaluate_qa(model, tok, run.kset.test_qa, **eval_kw)
+    train = evaluate_qa(model, tok, run.train_sample, **eval_kw) if run.train_sample else None
+    row = {"schedule": number, "name": plan.name, "fingerprint": run.fingerprint, "plan": plan.describe(),
+           "history": history, "trainable_parameters": trainable, "storage_gate": gate or None, "test": _brief(test),
+           "train_qa": _brief(train) if train else None,
+           "train_seconds": t_train, "seconds": time.perf_counter() - t}
+    dump.log(schedule=number, test_em=test["em"], test_recall=test["recall"], train_qa_em=train["em"] if train else None)
+    if dump.main:  # under torchrun only rank 0 writes
+        if cfg.save_models:
+            _save_model(model, tok, dump.path / f"model-{number}")
+        append_jsonl(dump.path / "schedules.jsonl", row)
+    stored = f", storage gate {gate['accuracy']:.1f}" if gate else ""
+    ui.info(f"schedule {number} ({plan.name}): test EM {test['em']:.1f}, recall {test['recall']:.1f}{stored}")
+    return row
+
+
+def _storage_gate_hooks(run: _Run, number: int, plan, last_doc_stage: int | None, gate: dict, curve: list):
+    """``(on_stage, callbacks_for)`` for :func:`~tessera.knowledge.train.run_plan`: log every stage; after the
+    last stage with test documents measure the storage gate into ``gate``, and (``gate_curve``) at evenly
+    spaced points of that stage, the gate and test EM into ``curve``."""
+    from tessera.knowledge.evaluate import evaluate_qa, storage_gate
+    from tessera.knowledge.schedules import DOCS_TEST
+    from tessera.knowledge.train import eval_at_fractions
+
+    cfg, kset, dump, model, tok = run.cfg, run.kset, run.dump, run.model, run.tok
+
+    def after_stage(k, r, n=number, plan=plan, gate=gate, last=last_doc_stage):
+        dump.log(schedule=n, **r)
+        if cfg.storage_gate and k == last and any(d.spans for d in kset.test_docs):
+            g = storage_gate(model, tok, kset.test_docs, batch_size=cfg.eval_batch_size)
+            gate.update(accuracy=g["accuracy"], per_attribute=g["per_attribute"], n=g["n"], after_stage=k)
+            dump.log(schedule=n, storage_gate=g["accuracy"])
+
+    def callbacks_for(k, plan=plan, last=last_doc_stage, curve=curve):
+        if not (cfg.storage_gate and cfg.gate_curve > 0 and k == last and any(d.spans for d in kset.test_docs)):
+            return None
+        epochs = plan.stages[k].epochs[DOCS_TEST]
+
+        def point(step, fraction):
+            g = storage_gate(model, tok, kset.test_docs, batch_size=cfg.eval_batch_size)
+            qa = evaluate_qa(model, tok, kset.test_qa, **run.eval_kw)
+            row = {"step": step, "test_doc_epochs": round(fraction * epochs, 2), "gate": g["accuracy"], "test_em": qa["em"]}
+            curve.append(row)
+            dump.log(schedule=plan.schedule, gate_curve=row)
+            return row
+
+        return [eval_at_fractions([(i + 1) / cfg.gate_curve for i in range(cfg.gate_curve)], point)]
+
+    return after_stage, callbacks_for
+
+
+def _write_summaries(cfg: Config, results: dict, path: Path) -> None:
+    """``em.png`` (test EM per schedule) and ``summary.txt`` (one line per schedule)."""
+    from tessera.config import atomic_write_text
+
+    plot_em(results, path / "em.png", f"PIT schedules, {cfg.lm}, test EM (seed {cfg.seed})")
+    atomic_write_text(path / "summary.txt", "\n".join(
         f"({r['schedule']}) {r['name']}: EM {r['test']['em']:.1f} recall {r['test']['recall']:.1f}" for r in results["schedules"]) + "\n")
-    return dump.path
 
 
 def _brief(ev: dict) -> dict:
@@ -291,13 +368,8 @@ def _brief(ev: dict) -> dict:
 
 
 def _save_model(model, tok, out: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    from tessera.config import atomic_dir
+
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

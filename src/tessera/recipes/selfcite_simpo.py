@@ -112,15 +112,11 @@ def build_pair(lm, example, cfg: Config, rng: random.Random):
 
 
 def main(cfg: Config) -> Path:
+    """The recipe, stage by stage: data and model, evaluate before, preference pairs, SimPO, evaluate after,
+    save the model, write ``results.json``."""
     import torch
 
-    from tessera import ui
-    from tessera.attribution.hotpot import direct_eval
-    from tessera.attribution.metrics import mean_scores
-    from tessera.attribution.simpo import PreferencePair, train_simpo
-    from tessera.config import DumpDir, atomic_dir
-    from tessera.data.jsonl import append_jsonl
-    from tessera.data.qa import read_hotpotqa
+    from tessera.config import DumpDir
     from tessera.lm import LocalLM
 
     if cfg.threads > 0:
@@ -128,24 +124,61 @@ def main(cfg: Config) -> Path:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
+    train, evals = _load_slices(cfg)
+    dump = DumpDir(cfg.dump_dir, cfg)
+    lm = LocalLM.load(cfg.lm)
+    results: dict = {"config": asdict(cfg), "train_ids": [e.id for e in train], "eval_ids": [e.id for e in evals]}
+
+    if evals:
+        results["before"] = _evaluate(cfg, lm, evals, dump, "eval_before")
+    pairs, results["pairs"] = _preference_pairs(cfg, lm, train, dump)
+    model, results["train"] = _train(cfg, lm, pairs, dump)
+    lm = LocalLM(model, lm.tokenizer, name=f"{cfg.lm}+selfcite-simpo")
+    if evals:
+        results["after"] = _evaluate(cfg, lm, evals, dump, "eval_after")
+        results["f1_change"] = results["after"]["f1"] - results["before"]["f1"]
+    if cfg.save_model and dump.main:
+        results["model"] = str(_save_model(model, lm.tokenizer, dump.path / "model"))
+    results["seconds"] = time.perf_counter() - t_start
+    results["context_setting"] = _context_setting(cfg)
+    dump.write_results(results)
+    return dump.path
+
+
+def _load_slices(cfg: Config):
+    """``(train examples, eval examples)``: disjoint slices of the HotpotQA file (no eval slice when not evaluating)."""
+    from tessera.data.qa import read_hotpotqa
+
     examples = read_hotpotqa(_data_path(cfg))
     train = _slice(examples, cfg.train_start, cfg.train_end, "train")
     evals = _slice(examples, cfg.eval_start, cfg.eval_end, "eval") if cfg.evaluate else []
     if {e.id for e in train} & {e.id for e in evals}:
         raise InputError("the train and eval slices overlap; pairs must come from other examples than the evaluation")
-    dump = DumpDir(cfg.dump_dir, cfg)
-    lm = LocalLM.load(cfg.lm)
+    return train, evals
+
+
+def _evaluate(cfg: Config, lm, evals, dump, stage: str) -> dict:
+    """Direct prompting on the evaluation slice: mean citation P/R/F1 (logged as ``stage`` with its time)."""
+    from tessera.attribution.hotpot import direct_eval
+    from tessera.attribution.metrics import mean_scores
+
     ctx_kw = {"max_distractors": cfg.max_distractors, "max_sentences_per_paragraph": cfg.max_sentences_per_paragraph,
               "max_statements": cfg.max_statements, "max_new_tokens": cfg.max_new_tokens}
-    results: dict = {"config": asdict(cfg), "train_ids": [e.id for e in train], "eval_ids": [e.id for e in evals]}
+    t = time.perf_counter()
+    scores = mean_scores(direct_eval(lm, evals, **ctx_kw))
+    dump.log(stage=stage, **dict(scores, seconds=time.perf_counter() - t))
+    return scores
 
-    if evals:
-        t = time.perf_counter()
-        before = direct_eval(lm, evals, **ctx_kw)
-        results["before"] = mean_scores(before)
-        dump.log(stage="eval_before", **dict(results["before"], seconds=time.perf_counter() - t))
 
-    # Preference pairs, resumable: one JSON line per training example.
+def _preference_pairs(cfg: Config, lm, train, dump):
+    """``(pairs, summary)``: one preference pair per training example (:func:`build_pair`), resumable - one
+    JSON line per example in ``pairs.jsonl``, rows of an earlier run reused."""
+    import torch
+
+    from tessera import ui
+    from tessera.attribution.simpo import PreferencePair
+    from tessera.data.jsonl import append_jsonl
+
     pairs_path = dump.path / "pairs.jsonl"
     done: dict[str, dict] = {}
     if pairs_path.is_file():
@@ -170,10 +203,20 @@ def main(cfg: Config) -> Path:
                 done[ex.id] = row
             bar.advance(task)
     pairs = [PreferencePair.from_dict(done[e.id]["pair"]) for e in train if done[e.id].get("pair")]
-    results["pairs"] = {"examples": len(train), "pairs": len(pairs),
-                        "balanced": sum(p.balanced for p in pairs), "seconds": time.perf_counter() - t,
-                        "mean_reward_gain": sum(p.reward_gain for p in pairs) / max(len(pairs), 1)}
-    dump.log(stage="pairs", **results["pairs"])
+    summary = {"examples": len(train), "pairs": len(pairs),
+               "balanced": sum(p.balanced for p in pairs), "seconds": time.perf_counter() - t,
+               "mean_reward_gain": sum(p.reward_gain for p in pairs) / max(len(pairs), 1)}
+    dump.log(stage="pairs", **summary)
+    return pairs, summary
+
+
+def _train(cfg: Config, lm, pairs, dump):
+    """``(trained model, summary)``: SimPO with TRL's CPOTrainer (SelfCite's beta and gamma/beta) in a temporary
+    folder under the dump dir; the trainer's log rows go to ``metrics.jsonl``."""
+    import torch
+
+    from tessera import ui
+    from tessera.attribution.simpo import train_simpo
 
     t = time.perf_counter()
     for stale in dump.path.glob("simpo-*") if dump.main else []:  # the trainer folder of a run killed mid-training
@@ -186,28 +229,24 @@ def main(cfg: Config) -> Path:
                                      max_length=cfg.max_length, seed=cfg.seed, quiet=ui.is_quiet())
     for row in history:
         dump.log(stage="train", **{k: v for k, v in row.items() if isinstance(v, (int, float, str))})
-    results["train"] = {"steps": max((r.get("step", 0) for r in history), default=0), "seconds": time.perf_counter() - t,
-                        "loss": next((r["train_loss"] for r in reversed(history) if "train_loss" in r), None)}
-    lm = LocalLM(model, lm.tokenizer, name=f"{cfg.lm}+selfcite-simpo")
+    summary = {"steps": max((r.get("step", 0) for r in history), default=0), "seconds": time.perf_counter() - t,
+               "loss": next((r["train_loss"] for r in reversed(history) if "train_loss" in r), None)}
+    return model, summary
 
-    if evals:
-        t = time.perf_counter()
-        after = direct_eval(lm, evals, **ctx_kw)
-        results["after"] = mean_scores(after)
-        dump.log(stage="eval_after", **dict(results["after"], seconds=time.perf_counter() - t))
-        results["f1_change"] = results["after"]["f1"] - results["before"]["f1"]
 
-    if cfg.save_model and dump.main:
-        out = dump.path / "model"
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            lm.tokenizer.save_pretrained(tmp)
-        results["model"] = str(out)
-    results["seconds"] = time.perf_counter() - t_start
+def _save_model(model, tokenizer, out: Path) -> Path:
+    """The trained model and its tokenizer as a Hugging Face folder, written atomically."""
+    from tessera.config import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _context_setting(cfg: Config) -> str:
+    """The scaled-down context and answer sizes, in words (for ``results.json``)."""
     distractors = "all distractors" if cfg.max_distractors < 0 else f"{cfg.max_distractors} distractor paragraph(s)"
     sentences = "whole paragraphs" if cfg.max_sentences_per_paragraph < 0 else \
         f"<= {cfg.max_sentences_per_paragraph} sentences per paragraph (gold sentences kept)"
-    results["context_setting"] = f"gold paragraphs + {distractors}, {sentences}; <= {cfg.max_statements} statements per answer"
-
-    dump.write_results(results)
-    return dump.path
+    return f"gold paragraphs + {distractors}, {sentences}; <= {cfg.max_statements} statements per answer"

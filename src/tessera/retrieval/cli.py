@@ -162,6 +162,76 @@ def _read_index_dir(folder: Path) -> dict:
     return json.loads(meta_path.read_text(encoding="utf-8"))
 
 
+def _check_search_options(index_dir: Path, have: list[str], query: str, k: int, retriever: str, fusion: str,
+                          rewrite: str, rerank: int) -> tuple[str, list[str]]:
+    """Validate ``search``'s options against the index: ``(retriever, indexes it needs)``."""
+    from tessera.retrieval.hybrid import FUSIONS
+
+    if retriever == "auto":
+        retriever = "hybrid" if len(have) == 2 else (have[0] if have else "bm25")
+    _check_choice(retriever, ("bm25", "dense", "hybrid"), "retriever")
+    _check_choice(fusion, FUSIONS, "fusion")
+    _check_positive(k, "--k")
+    if not query.strip():
+        raise InputError("the query is empty; pass a query")
+    _check_tto(rewrite, rerank)
+    need = ["bm25", "dense"] if retriever == "hybrid" else [retriever]
+    missing = [n for n in need if n not in have]
+    if missing:
+        raise InputError(f"{index_dir} has no {' or '.join(missing)} index (it has {', '.join(have) or 'none'}); "
+                         f"rebuild with `tessera retrieval index ... --retriever {retriever}` or pick --retriever {' or '.join(have)}")
+    return retriever, need
+
+
+def _first_stage_scores(index_dir: Path, need: list[str], ids: list[str], query: str, depth: int, encoder: str | None,
+                        fusion: str) -> dict:
+    """``{doc id: score}`` from the BM25 and/or dense index (fused when both)."""
+    from tessera.retrieval.bm25 import BM25Index
+    from tessera.retrieval.dense_index import DenseIndex, encode_queries
+    from tessera.retrieval.hybrid import fuse
+
+    runs = []
+    if "bm25" in need:
+        hits = BM25Index.load(index_dir / "bm25").search(query, depth)
+        runs.append({ids[i]: s for i, s in hits})
+    if "dense" in need:
+        dense = DenseIndex.load(index_dir / "dense")
+        spec = encoder or dense.encoder.get("spec") or "default-encoder"
+        model = _load_encoder(spec)
+        runs.append(dict(dense.search(encode_queries(model, [query]), depth)[0]))
+    return runs[0] if len(runs) == 1 else fuse([{"q": r} for r in runs], method=fusion, depth=depth)["q"]
+
+
+def _rerank_scores(scores: dict, query: str, docs: dict, backend, rerank: int) -> tuple[dict, dict]:
+    """Rerank the top ``rerank`` documents with the LM: ``(fused scores, the reranker's P(Yes))``."""
+    from tessera.retrieval.rerank import rerank_run
+
+    def full(d):
+        r = docs.get(d, {})
+        return f"{r.get('title', '')}\n{r.get('text', '')}" if r.get("title") else r.get("text", "")
+
+    new, llm = rerank_run({"q": scores}, {"q": query}, {d: full(d) for d in scores}, backend, top_n=rerank)
+    return new["q"], llm.get("q", {})
+
+
+def _print_search_results(results: list[dict], docs: dict, title: str, as_json: bool) -> None:
+    """A JSON list or a table of the ranked documents."""
+    if as_json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col, just in (("#", "right"), ("doc id", "left"), ("title", "left"), ("score", "right")):
+        table.add_column(col, justify=just, overflow="fold")
+    for r in results:
+        table.add_row(str(r["rank"]), r["doc_id"], r["title"] or " ".join(docs.get(r["doc_id"], {}).get("text", "").split())[:80], f"{r['score']:.4f}")
+    if results:
+        ui.out.print(table)
+    else:
+        ui.out.print("no documents matched")
+
+
 @retrieval_app.command("search")
 def search_cmd(
     index_dir: Path = typer.Argument(..., help="A folder written by `tessera retrieval index`."),
@@ -179,28 +249,11 @@ def search_cmd(
 ):
     """Query an index: ranked doc ids, titles and scores."""
     from tessera.data.jsonl import read_jsonl
-    from tessera.retrieval.bm25 import BM25Index
-    from tessera.retrieval.dense_index import DenseIndex, encode_queries
-    from tessera.retrieval.hybrid import FUSIONS, fuse
     from tessera.retrieval.metrics import ranked
 
     meta = _read_index_dir(index_dir)
-    have = meta.get("indexes", [])
-    if retriever == "auto":
-        retriever = "hybrid" if len(have) == 2 else (have[0] if have else "bm25")
-    _check_choice(retriever, ("bm25", "dense", "hybrid"), "retriever")
-    _check_choice(fusion, FUSIONS, "fusion")
-    _check_positive(k, "--k")
-    if not query.strip():
-        raise InputError("the query is empty; pass a query")
-    _check_tto(rewrite, rerank)
-    need = ["bm25", "dense"] if retriever == "hybrid" else [retriever]
-    missing = [n for n in need if n not in have]
-    if missing:
-        raise InputError(f"{index_dir} has no {' or '.join(missing)} index (it has {', '.join(have) or 'none'}); "
-                         f"rebuild with `tessera retrieval index ... --retriever {retriever}` or pick --retriever {' or '.join(have)}")
+    retriever, need = _check_search_options(index_dir, meta.get("indexes", []), query, k, retriever, fusion, rewrite, rerank)
     rows = read_jsonl(index_dir / "docs.jsonl")
-    ids = [r["id"] for r in rows]
     docs = {r["id"]: r for r in rows}
     depth = max(k, 100) if retriever == "hybrid" else max(k, rerank)
     original = query
@@ -211,26 +264,10 @@ def search_cmd(
 
         rewritten = rewrite_queries(backend, [query], rewrite, rewrite_tokens)[0]
         query = rewritten.text
-    runs = []
-    if "bm25" in need:
-        hits = BM25Index.load(index_dir / "bm25").search(query, depth)
-        runs.append({ids[i]: s for i, s in hits})
-    if "dense" in need:
-        dense = DenseIndex.load(index_dir / "dense")
-        spec = encoder or dense.encoder.get("spec") or "default-encoder"
-        model = _load_encoder(spec)
-        runs.append(dict(dense.search(encode_queries(model, [query]), depth)[0]))
-    scores = runs[0] if len(runs) == 1 else fuse([{"q": r} for r in runs], method=fusion, depth=depth)["q"]
+    scores = _first_stage_scores(index_dir, need, [r["id"] for r in rows], query, depth, encoder, fusion)
     llm_scores = {}
     if rerank:
-        from tessera.retrieval.rerank import rerank_run
-
-        def full(d):
-            r = docs.get(d, {})
-            return f"{r.get('title', '')}\n{r.get('text', '')}" if r.get("title") else r.get("text", "")
-
-        new, llm = rerank_run({"q": scores}, {"q": original}, {d: full(d) for d in scores}, backend, top_n=rerank)
-        scores, llm_scores = new["q"], llm.get("q", {})
+        scores, llm_scores = _rerank_scores(scores, original, docs, backend, rerank)
     results = [{"rank": r, "doc_id": d, "title": docs.get(d, {}).get("title", ""), "score": s}
                for r, (d, s) in enumerate(ranked(scores, k), 1)]
     for r in results:
@@ -238,20 +275,74 @@ def search_cmd(
             r["reranker_p_yes"] = llm_scores[r["doc_id"]]
     if rewritten is not None:  # on stderr, so --json output stays a plain list
         ui.info(f"[dim]rewritten query:[/dim] {rewritten.text}")
-    if as_json:
-        print(json.dumps(results, ensure_ascii=False, indent=2))
-        return
-    from rich.table import Table
+    _print_search_results(results, docs, f"{retriever}{' + rerank' if rerank else ''}: {original}", as_json)
 
-    table = Table(title=f"{retriever}{' + rerank' if rerank else ''}: {original}", title_justify="left")
-    for col, just in (("#", "right"), ("doc id", "left"), ("title", "left"), ("score", "right")):
-        table.add_column(col, justify=just, overflow="fold")
-    for r in results:
-        table.add_row(str(r["rank"]), r["doc_id"], r["title"] or " ".join(docs.get(r["doc_id"], {}).get("text", "").split())[:80], f"{r['score']:.4f}")
-    if results:
-        ui.out.print(table)
-    else:
-        ui.out.print("no documents matched")
+
+def _check_eval_options(retriever: str, fusion: str, k: int, batch_size: int, out: Path, rewrite: str, rerank: int,
+                        limit: int) -> None:
+    """Validate ``eval``'s options before anything is loaded."""
+    from tessera.retrieval.hybrid import FUSIONS
+    from tessera.retrieval.search import RETRIEVERS
+
+    _check_choice(retriever, RETRIEVERS, "retriever")
+    _check_choice(fusion, FUSIONS, "fusion")
+    _check_positive(k, "--k")
+    _check_positive(batch_size, "--batch-size")
+    _check_out_dir(out)
+    _check_tto(rewrite, rerank)
+    if limit < 0:
+        raise InputError(f"--limit must be 0 (all) or a number of queries, got {limit}")
+
+
+def _open_eval_collection(collection: str, split: str | None, task: str | None, skip_bad: bool, limit: int):
+    """The collection with judged queries, cut to the first ``limit`` of them when ``limit`` > 0."""
+    from tessera.retrieval.search import open_collection
+
+    coll = open_collection(collection, split=split, task=task, skip_bad=skip_bad)
+    if not coll.queries:
+        raise InputError(f"collection {collection} has no judged queries; check its qrels (and --split)")
+    if limit:
+        import dataclasses
+
+        kept = coll.queries[:limit]
+        coll = dataclasses.replace(coll, queries=kept, qrels={q.id: coll.qrels[q.id] for q in kept})
+    return coll
+
+
+def _rewrite_collection(coll, backend, out: Path, rewrite: str, rewrite_tokens: int):
+    """The collection with its queries rewritten by the LM (cached in ``out/rewrites.jsonl``), and rewrite stats."""
+    import dataclasses
+
+    from tessera.data.types import Query
+    from tessera.retrieval.rewrite import RewriteCache, rewrite_stats
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache = RewriteCache(out / "rewrites.jsonl", backend.name, rewrite, rewrite_tokens)
+    rws = cache.rewrite(backend, [q.text for q in coll.queries], rewrite, rewrite_tokens)
+    coll = dataclasses.replace(coll, queries=[Query(q.id, r.text, q.excluded_ids) for q, r in zip(coll.queries, rws)])
+    return coll, {"mode": rewrite, "max_new_tokens": rewrite_tokens, **rewrite_stats(rws)}
+
+
+def _rerank_eval_run(run: dict, originals: dict, coll, backend, rerank: int, k: int) -> dict:
+    """Rerank each query's top ``rerank`` documents with the LM (against the original queries), then keep ``k``."""
+    from tessera.retrieval.metrics import truncate_run
+    from tessera.retrieval.rerank import rerank_run
+
+    texts = {d.id: d.full_text for d in coll.docs}
+    run, _ = rerank_run(run, originals, texts, backend, top_n=rerank)
+    return truncate_run(run, k)
+
+
+def _write_eval_outputs(out: Path, run: dict, doc: dict, tag: str, summary: str) -> None:
+    """``run.trec`` and ``metrics.json`` in ``out``, and the summary lines."""
+    from tessera.config import atomic_write_text
+    from tessera.retrieval.metrics import write_trec_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    run_path = write_trec_run(out / "run.trec", run, tag=tag)
+    atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2))
+    ui.out.print(summary)
+    ui.out.print(f"wrote {run_path} and {out / 'metrics.json'}")
 
 
 @retrieval_app.command("eval")
@@ -275,57 +366,27 @@ def eval_cmd(
 ):
     """Evaluate a retriever on a collection: writes a TREC run file and a metrics JSON, prints nDCG@10/Recall@100/MRR@10."""
     from tessera import __version__
-    from tessera.config import atomic_write_text
-    from tessera.retrieval.hybrid import FUSIONS
-    from tessera.retrieval.metrics import evaluate, write_trec_run
-    from tessera.retrieval.search import RETRIEVERS, open_collection, retrieve
+    from tessera.retrieval.metrics import evaluate
+    from tessera.retrieval.search import retrieve
 
-    _check_choice(retriever, RETRIEVERS, "retriever")
-    _check_choice(fusion, FUSIONS, "fusion")
-    _check_positive(k, "--k")
-    _check_positive(batch_size, "--batch-size")
-    _check_out_dir(out)
-    _check_tto(rewrite, rerank)
-    if limit < 0:
-        raise InputError(f"--limit must be 0 (all) or a number of queries, got {limit}")
+    _check_eval_options(retriever, fusion, k, batch_size, out, rewrite, rerank, limit)
     t = time.perf_counter()
-    coll = open_collection(collection, split=split, task=task, skip_bad=skip_bad)
-    if not coll.queries:
-        raise InputError(f"collection {collection} has no judged queries; check its qrels (and --split)")
-    if limit:
-        import dataclasses
-
-        kept = coll.queries[:limit]
-        coll = dataclasses.replace(coll, queries=kept, qrels={q.id: coll.qrels[q.id] for q in kept})
+    coll = _open_eval_collection(collection, split, task, skip_bad, limit)
     timings = {"load_collection_s": time.perf_counter() - t}
     model = _load_encoder(encoder) if retriever != "bm25" else None
     backend = _load_lm(lm, lm_url) if rewrite != "none" or rerank else None
     originals = {q.id: q.text for q in coll.queries}
     tto: dict = {}
     if rewrite != "none":
-        import dataclasses
-
-        from tessera.data.types import Query
-        from tessera.retrieval.rewrite import RewriteCache, rewrite_stats
-
-        out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        cache = RewriteCache(out / "rewrites.jsonl", backend.name, rewrite, rewrite_tokens)
-        rws = cache.rewrite(backend, [q.text for q in coll.queries], rewrite, rewrite_tokens)
-        coll = dataclasses.replace(coll, queries=[Query(q.id, r.text, q.excluded_ids) for q, r in zip(coll.queries, rws)])
+        coll, tto["rewrite"] = _rewrite_collection(coll, backend, out, rewrite, rewrite_tokens)
         timings["rewrite_s"] = time.perf_counter() - t
-        tto["rewrite"] = {"mode": rewrite, "max_new_tokens": rewrite_tokens, **rewrite_stats(rws)}
     t = time.perf_counter()
     run = retrieve(coll, retriever, k=max(k, rerank), model=model, batch_size=batch_size, fusion=fusion, spec=encoder)
     timings["retrieve_s"] = time.perf_counter() - t
     if rerank:
-        from tessera.retrieval.metrics import truncate_run
-        from tessera.retrieval.rerank import rerank_run
-
         t = time.perf_counter()
-        texts = {d.id: d.full_text for d in coll.docs}
-        run, _ = rerank_run(run, originals, texts, backend, top_n=rerank)
-        run = truncate_run(run, k)
+        run = _rerank_eval_run(run, originals, coll, backend, rerank, k)
         timings["rerank_s"] = time.perf_counter() - t
         tto["rerank"] = {"top_n": rerank, "weight_retriever": 0.5, "score": "P(Yes) / (P(Yes) + P(No)), min-max normalised"}
     res = evaluate(run, coll.qrels)
@@ -337,13 +398,10 @@ def eval_cmd(
            "k": k, "n_docs": len(coll.docs), "n_queries": res["n_queries"], "n_skipped_rows": coll.n_skipped,
            "scale": "0..1 (x100 for the papers' points)", "metrics": metrics, "timings": {n: round(v, 3) for n, v in timings.items()},
            "tessera_version": __version__, "per_query": res["per_query"]}
-    out.mkdir(parents=True, exist_ok=True)
-    run_path = write_trec_run(out / "run.trec", run, tag=tag)
-    atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2))
-    ui.out.print(f"{coll.name} {retriever}{f' ({encoder})' if model is not None else ''}: "
-                 f"nDCG@10 {metrics['ndcg@10']:.4f}  Recall@100 {metrics['recall@100']:.4f}  MRR@10 {metrics['mrr@10']:.4f}  "
-                 f"({res['n_queries']} queries, 0..1 scale)")
-    ui.out.print(f"wrote {run_path} and {out / 'metrics.json'}")
+    summary = (f"{coll.name} {retriever}{f' ({encoder})' if model is not None else ''}: "
+               f"nDCG@10 {metrics['ndcg@10']:.4f}  Recall@100 {metrics['recall@100']:.4f}  MRR@10 {metrics['mrr@10']:.4f}  "
+               f"({res['n_queries']} queries, 0..1 scale)")
+    _write_eval_outputs(out, run, doc, tag, summary)
 
 
 @retrieval_app.command("synth")

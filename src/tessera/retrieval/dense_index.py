@@ -35,12 +35,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from tessera.config import atomic_dir
+from tessera.config import atomic_dir, atomic_file
 from tessera.errors import EmptyCorpusError, InputError
 
 EXACT_MAX_DOCS = 100_000
@@ -163,14 +162,8 @@ def rank_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _load_shard(path: Path, rows: int) -> np.ndarray | None:
@@ -179,6 +172,132 @@ def _load_shard(path: Path, rows: int) -> np.ndarray | None:
     except (OSError, ValueError, EOFError):
         return None
     return arr if arr.ndim == 2 and arr.shape[0] == rows else None
+
+
+def _check_encode_args(texts, batch_size: int, work_dir, shard_size: int | None, rank: int | None,
+                       world_size: int | None) -> tuple[list[str], int, int, int]:
+    """Validate :func:`encode_corpus`'s inputs: ``(texts as str, shard size, rank, world size)``."""
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise EmptyCorpusError("no documents to encode; give a corpus with at least one document")
+    if batch_size < 1:
+        raise InputError(f"batch size must be at least 1, got {batch_size}")
+    rank, world_size = dist_rank_world(rank, world_size)
+    if world_size > 1 and work_dir is None:
+        raise InputError("encoding across several ranks needs a work_dir that every rank can see")
+    shard_size = int(shard_size or 32 * batch_size)
+    if shard_size < 1:
+        raise InputError(f"shard size must be at least 1, got {shard_size}")
+    return texts, shard_size, rank, world_size
+
+
+def _shard_folder(model, texts: list[str], work_dir, shard_size: int, n_shards: int, normalize: bool) -> Path:
+    """``work_dir/<fingerprint>``: the shard folder of this model, corpus and shard size, with its manifest."""
+    key = hashlib.sha256(
+        json.dumps({"model": _model_signature(model), "texts": _texts_signature(texts), "n": len(texts),
+                    "shard_size": shard_size, "normalize": normalize, "format": _FORMAT}).encode()
+    ).hexdigest()[:16]
+    folder = Path(work_dir) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        from tessera.config import atomic_write_text
+
+        atomic_write_text(manifest, json.dumps({"encoder": encoder_name(model), "n_texts": len(texts), "shard_size": shard_size,
+                                                "n_shards": n_shards, "normalize": normalize}))
+    return folder
+
+
+class _ShardEncoder:
+    """Encodes shards of length-sorted documents; kept on disk in ``folder`` (resumable) or in memory."""
+
+    def __init__(self, model, texts: list[str], order: np.ndarray, shards: list[tuple[int, int]], batch_size: int,
+                 normalize: bool, folder: Path | None):
+        self.model, self.texts, self.order, self.shards = model, texts, order, shards
+        self.batch_size, self.normalize, self.folder = batch_size, normalize, folder
+        self.done: dict[int, np.ndarray] = {}
+
+    def shard_path(self, i: int) -> Path:
+        return self.folder / f"shard-{i:05d}.npy"
+
+    def rows(self, ids: list[int]) -> int:
+        return sum(self.shards[i][1] - self.shards[i][0] for i in ids)
+
+    def encode(self, ids: list[int], progress, task) -> None:
+        """Encode shards ``ids``, skipping those already on disk."""
+        for i in ids:
+            start, end = self.shards[i]
+            if self.folder is not None:
+                arr = _load_shard(self.shard_path(i), end - start)
+                if arr is not None:
+                    progress.advance(task, end - start)
+                    continue
+            parts = []
+            for s in range(start, end, self.batch_size):
+                idx = self.order[s : min(s + self.batch_size, end)]
+                emb = self.model.encode_document([self.texts[j] for j in idx], batch_size=self.batch_size,
+                                                 normalize_embeddings=self.normalize, convert_to_numpy=True,
+                                                 show_progress_bar=False)
+                parts.append(np.asarray(emb, dtype=np.float32))
+                progress.advance(task, len(idx))
+            arr = np.concatenate(parts, axis=0)
+            if self.folder is not None:
+                _save_npy_atomic(self.shard_path(i), arr)
+            else:
+                self.done[i] = arr
+
+    def merge(self) -> np.ndarray:
+        """All shards' embeddings in input order (a shard lost since it was written is encoded again)."""
+        out = None
+        for i, (start, end) in enumerate(self.shards):
+            arr = self.done[i] if self.folder is None else _load_shard(self.shard_path(i), end - start)
+            if arr is None:  # a shard file vanished or was corrupted between writing and merging: redo it
+                self.encode([i], _NullProgress(), None)
+                arr = _load_shard(self.shard_path(i), end - start)
+            if out is None:
+                out = np.empty((len(self.texts), arr.shape[1]), dtype=np.float32)
+            out[self.order[start:end]] = arr
+        return out
+
+
+def _dist_barrier() -> None:
+    """Wait for every rank, if a torch.distributed process group is initialized."""
+    try:
+        import torch.distributed as dist
+
+        group = dist.is_available() and dist.is_initialized()
+    except Exception:
+        group = False
+    if group:
+        dist.barrier()
+
+
+def _encode_rank(enc: _ShardEncoder, rank: int, world_size: int, desc: str) -> bool:
+    """Encode this rank's shards; on rank 0 also any other rank's shard still missing.  ``False`` on ranks > 0."""
+    from tessera import ui
+
+    mine = rank_shards(len(enc.shards), rank, world_size)
+    with ui.progress() as progress:
+        total = enc.rows(mine)
+        task = progress.add_task(desc if world_size == 1 else f"{desc} (rank {rank}/{world_size})", total=total)
+        enc.encode(mine, progress, task)
+        if world_size > 1:
+            _dist_barrier()
+            if rank != 0:
+                return False
+            missing = [i for i in range(len(enc.shards)) if i not in mine and not enc.shard_path(i).exists()]
+            if missing:
+                progress.update(task, total=total + enc.rows(missing))
+                enc.encode(missing, progress, task)
+    return True
+
+
+def _remove_shards(folder: Path, work_dir) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        Path(work_dir).rmdir()  # only if now empty
+    except OSError:
+        pass
 
 
 def encode_corpus(
@@ -214,98 +333,15 @@ def encode_corpus(
     one, rank 0 encodes any shard still missing itself, so its result never depends
     on the other processes having finished.
     """
-    from tessera import ui
-
-    texts = [str(t) for t in texts]
-    if not texts:
-        raise EmptyCorpusError("no documents to encode; give a corpus with at least one document")
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
-    rank, world_size = dist_rank_world(rank, world_size)
-    if world_size > 1 and work_dir is None:
-        raise InputError("encoding across several ranks needs a work_dir that every rank can see")
-    shard_size = int(shard_size or 32 * batch_size)
-    if shard_size < 1:
-        raise InputError(f"shard size must be at least 1, got {shard_size}")
-
+    texts, shard_size, rank, world_size = _check_encode_args(texts, batch_size, work_dir, shard_size, rank, world_size)
     order, shards = shard_plan(token_lengths(model, texts), shard_size)
-    folder = None
-    if work_dir is not None:
-        key = hashlib.sha256(
-            json.dumps({"model": _model_signature(model), "texts": _texts_signature(texts), "n": len(texts),
-                        "shard_size": shard_size, "normalize": normalize, "format": _FORMAT}).encode()
-        ).hexdigest()[:16]
-        folder = Path(work_dir) / key
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = folder / "manifest.json"
-        if not manifest.exists():
-            from tessera.config import atomic_write_text
-
-            atomic_write_text(manifest, json.dumps({"encoder": encoder_name(model), "n_texts": len(texts), "shard_size": shard_size,
-                                                    "n_shards": len(shards), "normalize": normalize}))
-
-    def shard_path(i: int) -> Path:
-        return folder / f"shard-{i:05d}.npy"
-
-    done: dict[int, np.ndarray] = {}
-
-    def encode_shards(ids: list[int], progress, task) -> None:
-        for i in ids:
-            start, end = shards[i]
-            if folder is not None:
-                arr = _load_shard(shard_path(i), end - start)
-                if arr is not None:
-                    progress.advance(task, end - start)
-                    continue
-            parts = []
-            for s in range(start, end, batch_size):
-                idx = order[s : min(s + batch_size, end)]
-                emb = model.encode_document([texts[j] for j in idx], batch_size=batch_size, normalize_embeddings=normalize,
-                                            convert_to_numpy=True, show_progress_bar=False)
-                parts.append(np.asarray(emb, dtype=np.float32))
-                progress.advance(task, len(idx))
-            arr = np.concatenate(parts, axis=0)
-            if folder is not None:
-                _save_npy_atomic(shard_path(i), arr)
-            else:
-                done[i] = arr
-
-    mine = rank_shards(len(shards), rank, world_size)
-    with ui.progress() as progress:
-        total = sum(shards[i][1] - shards[i][0] for i in mine)
-        task = progress.add_task(desc if world_size == 1 else f"{desc} (rank {rank}/{world_size})", total=total)
-        encode_shards(mine, progress, task)
-        if world_size > 1:
-            try:
-                import torch.distributed as dist
-
-                group = dist.is_available() and dist.is_initialized()
-            except Exception:
-                group = False
-            if group:
-                dist.barrier()
-            if rank != 0:
-                return None
-            missing = [i for i in range(len(shards)) if i not in mine and not shard_path(i).exists()]
-            if missing:
-                progress.update(task, total=total + sum(shards[i][1] - shards[i][0] for i in missing))
-                encode_shards(missing, progress, task)
-
-    out = None
-    for i, (start, end) in enumerate(shards):
-        arr = done[i] if folder is None else _load_shard(shard_path(i), end - start)
-        if arr is None:  # a shard file vanished or was corrupted between writing and merging: redo it
-            encode_shards([i], _NullProgress(), None)
-            arr = _load_shard(shard_path(i), end - start)
-        if out is None:
-            out = np.empty((len(texts), arr.shape[1]), dtype=np.float32)
-        out[order[start:end]] = arr
+    folder = None if work_dir is None else _shard_folder(model, texts, work_dir, shard_size, len(shards), normalize)
+    enc = _ShardEncoder(model, texts, order, shards, batch_size, normalize, folder)
+    if not _encode_rank(enc, rank, world_size, desc):
+        return None
+    out = enc.merge()
     if folder is not None and cleanup:
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            Path(work_dir).rmdir()  # only if now empty
-        except OSError:
-            pass
+        _remove_shards(folder, work_dir)
     return out
 
 

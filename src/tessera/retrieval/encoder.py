@@ -184,6 +184,67 @@ def _decoder_transformer(path: str, bidirectional: bool, max_seq_length: int):
     return module
 
 
+def _load_st_retriever(path: str, device: str, max_seq_length: int | None, override_prompts: bool, q_prompt: str,
+                       d_prompt: str):
+    """A saved sentence-transformers folder, with its own pooling; ``(model, query prompt, document prompt)``."""
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    from tessera.hub import load_encoder
+
+    model = load_encoder(path, device=device)
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    if override_prompts or not model.prompts:
+        model.prompts = {**model.prompts, "query": q_prompt, "document": d_prompt}
+    q_prompt, d_prompt = model.prompts.get("query", ""), model.prompts.get("document", "")
+    if q_prompt or d_prompt:  # instruction tokens stay out of the pool
+        for m in model:
+            if isinstance(m, Pooling):
+                m.include_prompt = False
+    if not any(isinstance(m, Normalize) for m in model):
+        model.append(Normalize())
+    return model, q_prompt, d_prompt
+
+
+def _assemble_retriever(path: str, kind: str, pooling: str, bidirectional: bool, max_seq_length: int | None,
+                        q_prompt: str, d_prompt: str, device: str):
+    """``Transformer -> Pooling -> Normalize`` over an encoder or decoder backbone."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    max_seq_length = max_seq_length or 512
+    if kind == "decoder":
+        first = _decoder_transformer(path, bidirectional, max_seq_length)
+    else:
+        from sentence_transformers.base.modules.transformer import Transformer
+
+        first = Transformer(path, max_seq_length=max_seq_length)
+    dim = first.get_embedding_dimension()
+    modules = [first, Pooling(dim, POOLING_MODES[pooling], include_prompt=False), Normalize()]
+    return SentenceTransformer(modules=modules, prompts={"query": q_prompt, "document": d_prompt}, device=device)
+
+
+def _finish_retriever(model, kind: str, bidirectional: bool, truncate_dim: int | None, matryoshka_dims,
+                      q_prompt: str, d_prompt: str) -> None:
+    """Set the output and Matryoshka dimensions, warn about prompts that merge with the text, and check that a
+    bidirectional decoder really is."""
+    dim = model.get_embedding_dimension()
+    if truncate_dim is not None:
+        if not 1 <= int(truncate_dim) <= dim:
+            raise InputError(f"truncate_dim={truncate_dim} must lie in 1..{dim}")
+        model.truncate_dim = int(truncate_dim)
+    model.matryoshka_dims = check_matryoshka_dims(matryoshka_dims, dim) if matryoshka_dims else None
+    tok = model[0].tokenizer
+    for role, prompt in (("query", q_prompt), ("document", d_prompt)):
+        if prompt and not prompt_boundary_ok(tok, prompt):
+            log.warning("the %s prompt %r merges with the text's first token in this tokenizer, so pooling also drops "
+                        "that token; end the prompt with a newline or punctuation to avoid it", role, prompt)
+    if kind == "decoder" and bidirectional and not check_bidirectional(model):
+        raise TesseraError(
+            "this transformers version ignores config.is_causal=False, so the decoder would stay causal; "
+            "upgrade transformers to >= 5.2 or pass bidirectional=False")
+
+
 def build_retriever(
     backbone: str = "default-encoder",
     pooling: str = "mean",
@@ -215,9 +276,6 @@ def build_retriever(
     - ``max_seq_length``: 512 by default (ReasonIR trains at 2048; scaled down for CPU);
       a sentence-transformers folder keeps its own unless this is given.
     """
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
-
     from tessera.hub import default_device
 
     if pooling not in POOLING_MODES:
@@ -231,47 +289,11 @@ def build_retriever(
     device = str(device) if device is not None else str(default_device())
 
     if kind == "sentence-transformers":
-        from tessera.hub import load_encoder
-
-        model = load_encoder(path, device=device)
-        if max_seq_length is not None:
-            model.max_seq_length = max_seq_length
-        if query_prompt is not None or doc_prompt is not None or prompt_style is not None or not model.prompts:
-            model.prompts = {**model.prompts, "query": q_prompt, "document": d_prompt}
-        q_prompt, d_prompt = model.prompts.get("query", ""), model.prompts.get("document", "")
-        if q_prompt or d_prompt:  # instruction tokens stay out of the pool
-            for m in model:
-                if isinstance(m, Pooling):
-                    m.include_prompt = False
-        if not any(isinstance(m, Normalize) for m in model):
-            model.append(Normalize())
+        override = query_prompt is not None or doc_prompt is not None or prompt_style is not None
+        model, q_prompt, d_prompt = _load_st_retriever(path, device, max_seq_length, override, q_prompt, d_prompt)
     else:
-        max_seq_length = max_seq_length or 512
-        if kind == "decoder":
-            first = _decoder_transformer(path, bidirectional, max_seq_length)
-        else:
-            from sentence_transformers.base.modules.transformer import Transformer
-
-            first = Transformer(path, max_seq_length=max_seq_length)
-        dim = first.get_embedding_dimension()
-        modules = [first, Pooling(dim, POOLING_MODES[pooling], include_prompt=False), Normalize()]
-        model = SentenceTransformer(modules=modules, prompts={"query": q_prompt, "document": d_prompt}, device=device)
-
-    dim = model.get_embedding_dimension()
-    if truncate_dim is not None:
-        if not 1 <= int(truncate_dim) <= dim:
-            raise InputError(f"truncate_dim={truncate_dim} must lie in 1..{dim}")
-        model.truncate_dim = int(truncate_dim)
-    model.matryoshka_dims = check_matryoshka_dims(matryoshka_dims, dim) if matryoshka_dims else None
-    tok = model[0].tokenizer
-    for role, prompt in (("query", q_prompt), ("document", d_prompt)):
-        if prompt and not prompt_boundary_ok(tok, prompt):
-            log.warning("the %s prompt %r merges with the text's first token in this tokenizer, so pooling also drops "
-                        "that token; end the prompt with a newline or punctuation to avoid it", role, prompt)
-    if kind == "decoder" and bidirectional and not check_bidirectional(model):
-        raise TesseraError(
-            "this transformers version ignores config.is_causal=False, so the decoder would stay causal; "
-            "upgrade transformers to >= 5.2 or pass bidirectional=False")
+        model = _assemble_retriever(path, kind, pooling, bidirectional, max_seq_length, q_prompt, d_prompt, device)
+    _finish_retriever(model, kind, bidirectional, truncate_dim, matryoshka_dims, q_prompt, d_prompt)
     return model
 
 

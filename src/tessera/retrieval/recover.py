@@ -92,25 +92,8 @@ def hidden_cosine(student, teacher, ids, batch_size: int = 4) -> float:
     return total / max(n, 1)
 
 
-def continued_pretraining(student, tokenizer, texts: list[str], *, teacher=None, distill: str = "hidden",
-                          lm_weight: float | None = None, distill_weight: float = 1.0, temperature: float = 1.0,
-                          steps: int = 100, batch_size: int = 8, seq_len: int = 128, lr: float = 2e-4,
-                          warmup_ratio: float = 0.05, held_out: int = 8, seed: int = 0, log_every: int = 5,
-                          on_log=None) -> RecoveryReport:
-    """Train ``student`` (a pruned causal LM, in place) on chunks of ``texts``; see the module doc.
-
-    ``lm_weight`` defaults to 0 for ``hidden`` distillation (hidden states only, no LM
-    head) and to 1 otherwise.  ``held_out`` chunks after the training chunks measure the
-    LM loss (and, with a teacher, the hidden-state cosine) before and after.
-    ``on_log(step, loss)`` is called every ``log_every`` steps.
-    """
-    import torch
-    from torch.utils.data import Dataset
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-
-    from tessera import ui
-    from tessera.retrieval.prune import calibration_batch, lm_loss
-
+def _loss_weights(distill: str, teacher, lm_weight: float | None, distill_weight: float, steps: int) -> tuple[float, float]:
+    """Validate the recovery options; ``(lm_weight, distill_weight)`` with the defaults filled in."""
     if distill not in DISTILL_MODES:
         raise InputError(f"distill={distill!r} is not one of {', '.join(DISTILL_MODES)}")
     if distill != "none" and teacher is None:
@@ -123,21 +106,61 @@ def continued_pretraining(student, tokenizer, texts: list[str], *, teacher=None,
         raise InputError("both lm_weight and distill_weight are 0: nothing to train")
     if steps < 1:
         raise InputError(f"steps={steps}: continued pretraining needs at least one step")
+    return lm_weight, distill_weight
 
-    n_train = steps * batch_size
-    ids = calibration_batch(tokenizer, texts, n_samples=n_train, seq_len=seq_len)
+
+def _training_chunks(tokenizer, texts: list[str], steps: int, batch_size: int, seq_len: int, held_out: int):
+    """``(training token chunks, held-out chunks or None)`` cut from ``texts``."""
+    from tessera.retrieval.prune import calibration_batch
+
+    ids = calibration_batch(tokenizer, texts, n_samples=steps * batch_size, seq_len=seq_len)
     if ids.shape[0] < batch_size:
         raise InputError(f"only {ids.shape[0]} chunks of {seq_len} tokens in the text; give more text or a smaller batch")
     held = calibration_batch(tokenizer, texts, n_samples=held_out, seq_len=seq_len, offset=ids.shape[0]) if held_out else None
+    return ids, held
 
-    report = RecoveryReport(steps=steps, tokens=int(steps * batch_size * seq_len), distill=distill,
-                            lm_weight=lm_weight, distill_weight=distill_weight)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    if held is not None:
-        report.lm_loss_before = lm_loss(student, held)
-        if teacher is not None:
-            report.hidden_cos_before = hidden_cosine(student, teacher, held)
+
+def _held_out_metrics(student, teacher, held) -> tuple[float, float | None]:
+    """``(LM loss, hidden-state cosine to the teacher or None)`` on the held-out chunks."""
+    from tessera.retrieval.prune import lm_loss
+
+    loss = lm_loss(student, held)
+    return loss, (hidden_cosine(student, teacher, held) if teacher is not None else None)
+
+
+def _recovery_loss(model, teacher, x, *, distill: str, lm_weight: float, distill_weight: float, temperature: float):
+    """``(loss, student outputs)`` of one batch: ``lm_weight * CE + distill_weight * D`` (module doc)."""
+    import torch
+
+    need_logits = lm_weight > 0 or distill == "logits"
+    out = model(input_ids=x, labels=x if lm_weight > 0 else None, output_hidden_states=distill == "hidden",
+                logits_to_keep=0 if need_logits else 1)
+    loss = lm_weight * out.loss if lm_weight > 0 else 0.0
+    if distill_weight > 0:
+        if next(teacher.parameters()).device != x.device:
+            teacher.to(x.device)
+        with torch.no_grad():
+            t_out = teacher(input_ids=x, output_hidden_states=distill == "hidden",
+                            logits_to_keep=0 if distill == "logits" else 1)
+        if distill == "hidden":
+            kd = hidden_distill_loss(out.hidden_states[-1], t_out.hidden_states[-1])
+        else:
+            kd = logit_distill_loss(out.logits, t_out.logits, temperature)
+        loss = loss + distill_weight * kd
+    return loss, out
+
+
+def _train_recovery(student, teacher, ids, report: RecoveryReport, *, temperature: float, batch_size: int, lr: float,
+                    warmup_ratio: float, seed: int, log_every: int, on_log) -> None:
+    """Run Hugging Face ``Trainer`` on the chunks ``ids``; the loss curve and time go into ``report``."""
+    import torch
+    from torch.utils.data import Dataset
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    from tessera import ui
+
+    loss_kw = {"distill": report.distill, "lm_weight": report.lm_weight, "distill_weight": report.distill_weight,
+               "temperature": temperature}
 
     class Chunks(Dataset):
         def __len__(self):
@@ -148,22 +171,7 @@ def continued_pretraining(student, tokenizer, texts: list[str], *, teacher=None,
 
     class RecoveryTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            x = inputs["input_ids"]
-            need_logits = lm_weight > 0 or distill == "logits"
-            out = model(input_ids=x, labels=x if lm_weight > 0 else None, output_hidden_states=distill == "hidden",
-                        logits_to_keep=0 if need_logits else 1)
-            loss = lm_weight * out.loss if lm_weight > 0 else 0.0
-            if distill_weight > 0:
-                if next(teacher.parameters()).device != x.device:
-                    teacher.to(x.device)
-                with torch.no_grad():
-                    t_out = teacher(input_ids=x, output_hidden_states=distill == "hidden",
-                                    logits_to_keep=0 if distill == "logits" else 1)
-                if distill == "hidden":
-                    kd = hidden_distill_loss(out.hidden_states[-1], t_out.hidden_states[-1])
-                else:
-                    kd = logit_distill_loss(out.logits, t_out.logits, temperature)
-                loss = loss + distill_weight * kd
+            loss, out = _recovery_loss(model, teacher, inputs["input_ids"], **loss_kw)
             return (loss, out) if return_outputs else loss
 
     class Log(TrainerCallback):
@@ -173,6 +181,7 @@ def continued_pretraining(student, tokenizer, texts: list[str], *, teacher=None,
                 if on_log is not None:
                     on_log(state.global_step, float(logs["loss"]))
 
+    steps = report.steps
     with tempfile.TemporaryDirectory(prefix="tessera-cpt-") as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
@@ -187,9 +196,31 @@ def continued_pretraining(student, tokenizer, texts: list[str], *, teacher=None,
         trainer.remove_callback(PrinterCallback)  # progress goes through tessera.ui, not printed dicts
         trainer.train()
         report.train_s = round(time.perf_counter() - t0, 2)
+
+
+def continued_pretraining(student, tokenizer, texts: list[str], *, teacher=None, distill: str = "hidden",
+                          lm_weight: float | None = None, distill_weight: float = 1.0, temperature: float = 1.0,
+                          steps: int = 100, batch_size: int = 8, seq_len: int = 128, lr: float = 2e-4,
+                          warmup_ratio: float = 0.05, held_out: int = 8, seed: int = 0, log_every: int = 5,
+                          on_log=None) -> RecoveryReport:
+    """Train ``student`` (a pruned causal LM, in place) on chunks of ``texts``; see the module doc.
+
+    ``lm_weight`` defaults to 0 for ``hidden`` distillation (hidden states only, no LM
+    head) and to 1 otherwise.  ``held_out`` chunks after the training chunks measure the
+    LM loss (and, with a teacher, the hidden-state cosine) before and after.
+    ``on_log(step, loss)`` is called every ``log_every`` steps.
+    """
+    lm_weight, distill_weight = _loss_weights(distill, teacher, lm_weight, distill_weight, steps)
+    ids, held = _training_chunks(tokenizer, texts, steps, batch_size, seq_len, held_out)
+    report = RecoveryReport(steps=steps, tokens=int(steps * batch_size * seq_len), distill=distill,
+                            lm_weight=lm_weight, distill_weight=distill_weight)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    if held is not None:
+        report.lm_loss_before, report.hidden_cos_before = _held_out_metrics(student, teacher, held)
+    _train_recovery(student, teacher, ids, report, temperature=temperature, batch_size=batch_size, lr=lr,
+                    warmup_ratio=warmup_ratio, seed=seed, log_every=log_every, on_log=on_log)
     student.eval()
     if held is not None:
-        report.lm_loss_after = lm_loss(student, held)
-        if teacher is not None:
-            report.hidden_cos_after = hidden_cosine(student, teacher, held)
+        report.lm_loss_after, report.hidden_cos_after = _held_out_metrics(student, teacher, held)
     return report

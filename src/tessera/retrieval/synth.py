@@ -345,18 +345,9 @@ def _vl_job(backend, docs: list[Document], cfg: SynthConfig, seed: int):
     return [(d, r.value, r.method, r, {"target_words": w, "word_range": list(lo_hi)}) for d, r, w in zip(docs, results, targets)]
 
 
-def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthConfig | None = None,
-               corpus: Sequence[Document] | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Generate ReasonIR rows for ``docs`` (already seeded, sampled and sharded) into ``out`` (JSONL, appended).
-
-    ``corpus`` (default ``docs``) is what BM25 mines hard negatives from; pass the
-    whole corpus when ``docs`` is a sample.  Returns the run's counters; call
-    :func:`synth_stats` for the report over the whole output file.
-    """
-    from tessera.data.jsonl import append_jsonl
-    from tessera.lm.jsonx import generate_json
-    from tessera.retrieval.bm25 import BM25Index
-
+def _check_synth_inputs(docs: Sequence[Document], out: str | Path, cfg: SynthConfig | None,
+                        corpus: Sequence[Document] | None) -> tuple[SynthConfig, Path, list[Document]]:
+    """Validate :func:`synthesize`'s inputs: ``(config, output path, corpus)`` with the defaults filled in."""
     cfg = cfg or SynthConfig()
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad or not cfg.stages:
@@ -367,6 +358,104 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
     corpus = list(corpus) if corpus is not None else list(docs)
     if not corpus:
         raise EmptyCorpusError("no documents to synthesize from; check the corpus and the length filters")
+    return cfg, out, corpus
+
+
+class _NegativePool:
+    """The corpus that hard negatives are mined from: its texts, each document's row and a BM25 index."""
+
+    def __init__(self, corpus: list[Document]):
+        from tessera.retrieval.bm25 import BM25Index
+
+        self.corpus = corpus
+        self.texts = [d.full_text for d in corpus]
+        self.row_of = {d.id: i for i, d in enumerate(corpus)}
+        self.bm25 = BM25Index.build(self.texts)
+
+
+def _generate_chunk(backend, chunk: list[tuple[Document, str]], cfg: SynthConfig, seed: int) -> list[tuple]:
+    """Queries for one chunk of ``(document, stage)`` jobs: ``(stage, doc, value, method, result, extra)`` each."""
+    made = []
+    for stage, job in (("hq", _hq_job), ("vl", _vl_job)):
+        stage_docs = [d for d, s in chunk if s == stage]
+        if stage_docs:
+            made += [(stage, *m) for m in job(backend, stage_docs, cfg, seed)]
+    return made
+
+
+def _negatives_for(good: list[tuple], backend, pool: _NegativePool, cfg: SynthConfig, seed: int) -> tuple[list, list]:
+    """``(BM25 hits, LLM-written negatives or None)`` for the usable queries ``good``."""
+    from tessera.lm.jsonx import generate_json
+
+    hits = pool.bm25.search_many([m[2]["query"] for m in good], k=max(cfg.bm25_depth, cfg.min_neg_rank + 10)) if good else []
+    llm_negs = [None] * len(good)
+    if cfg.llm_negative and good:
+        llm_negs = generate_json(backend, [negative_messages(m[2]["query"]) for m in good], keys=("passage",),
+                                 validate=lambda o: None if len(str(o.get("passage", "")).split()) >= 10 else "passage too short",
+                                 retries=cfg.retries, max_new_tokens=cfg.neg_max_new_tokens, prefix='{"passage": "', seed=seed)
+    return hits, llm_negs
+
+
+def _training_row(rid: str, made: tuple, hit, llm_neg, pool: _NegativePool, cfg: SynthConfig) -> dict:
+    """One output row (query, positive, hard negatives, meta) for a usable generated query."""
+    stage, d, value, method, r, extra = made
+    pos = pool.row_of.get(d.id)
+    if pos is None:
+        raise InputError(f"document {d.id} is not in the corpus that hard negatives are mined from")
+    texts = pool.texts
+    neg, rank, source = bm25_hard_negative(hit, pos, texts, cfg.min_neg_rank, random.Random(f"{cfg.seed}:{rid}"))
+    negs = [["", texts[neg]]]
+    meta = {"domain": value.get("domain"), "key_concepts": _listify(value.get("key_concepts")),
+            "reasoning_patterns": _listify(value.get("reasoning_patterns")), "parse": method,
+            "attempts": r.attempts, "new_tokens": r.new_tokens, "neg_id": pool.corpus[neg].id, "neg_rank": rank,
+            "neg_source": source, **extra}
+    if stage == "vl":
+        meta = {k: v for k, v in meta.items() if k not in ("domain", "key_concepts", "reasoning_patterns")}
+    if llm_neg is not None:
+        if llm_neg.ok:
+            negs.append(["", str(llm_neg.value["passage"])])
+        meta["llm_negative"] = "ok" if llm_neg.ok else f"failed: {llm_neg.error}"
+    return {"id": rid, "doc_id": d.id, "stage": stage, "query": [cfg.instruction, str(value["query"]).strip()],
+            "pos": [["", texts[pos]]], "neg": negs, "meta": meta}
+
+
+def _write_chunk(made: list[tuple], backend, pool: _NegativePool, cfg: SynthConfig, seed: int, done: set[str],
+                 out: Path) -> tuple[int, int]:
+    """Mine negatives for a generated chunk and append its rows not yet in ``out`` (failures to the failures
+    file); ``(rows written, failures)``."""
+    from tessera.data.jsonl import append_jsonl
+
+    good = [m for m in made if m[2] is not None]
+    hits, llm_negs = _negatives_for(good, backend, pool, cfg, seed)
+    written = failed = 0
+    g = 0
+    for m in made:
+        stage, d, value, _method, r, _extra = m
+        rid = f"{d.id}/{stage}"
+        if rid in done:
+            g += value is not None
+            continue
+        if value is None:
+            append_jsonl(failures_path(out), {"id": rid, "doc_id": d.id, "stage": stage, "attempts": r.attempts,
+                                              "error": r.error, "raw": [x[:2000] for x in r.raw]})
+            failed += 1
+            continue
+        row = _training_row(rid, m, hits[g], llm_negs[g], pool, cfg)
+        g += 1
+        append_jsonl(out, row)
+        written += 1
+    return written, failed
+
+
+def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthConfig | None = None,
+               corpus: Sequence[Document] | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Generate ReasonIR rows for ``docs`` (already seeded, sampled and sharded) into ``out`` (JSONL, appended).
+
+    ``corpus`` (default ``docs``) is what BM25 mines hard negatives from; pass the
+    whole corpus when ``docs`` is a sample.  Returns the run's counters; call
+    :func:`synth_stats` for the report over the whole output file.
+    """
+    cfg, out, corpus = _check_synth_inputs(docs, out, cfg, corpus)
     done = finished_ids(out)
     # chunks (and their seeds) are cut from the whole job list, finished or not, so a resumed run
     # generates each remaining row exactly as an uninterrupted run would
@@ -376,9 +465,7 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
            "new_tokens": 0, "seconds": 0.0}
     if not jobs:
         return run
-    texts = [d.full_text for d in corpus]
-    row_of = {d.id: i for i, d in enumerate(corpus)}
-    bm25 = BM25Index.build(texts)
+    pool = _NegativePool(corpus)
     tok0, t0 = backend.stats.new_tokens, time.perf_counter()
     n_done = 0
     for c, start in enumerate(range(0, len(all_jobs), cfg.chunk_size)):
@@ -389,49 +476,10 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
         # a chunk a kill left half-written is generated whole (batch make-up and per-position seeds as in
         # an uninterrupted run); only its missing rows are written
         seed = cfg.seed * 100_003 + c
-        made = []
-        for stage, job in (("hq", _hq_job), ("vl", _vl_job)):
-            stage_docs = [d for d, s in chunk if s == stage]
-            if stage_docs:
-                made += [(stage, *m) for m in job(backend, stage_docs, cfg, seed)]
-        good = [m for m in made if m[2] is not None]
-        hits = bm25.search_many([m[2]["query"] for m in good], k=max(cfg.bm25_depth, cfg.min_neg_rank + 10)) if good else []
-        llm_negs = [None] * len(good)
-        if cfg.llm_negative and good:
-            llm_negs = generate_json(backend, [negative_messages(m[2]["query"]) for m in good], keys=("passage",),
-                                     validate=lambda o: None if len(str(o.get("passage", "")).split()) >= 10 else "passage too short",
-                                     retries=cfg.retries, max_new_tokens=cfg.neg_max_new_tokens, prefix='{"passage": "', seed=seed)
-        g = 0
-        for stage, d, value, method, r, extra in made:
-            rid = f"{d.id}/{stage}"
-            if rid in done:
-                g += value is not None
-                continue
-            if value is None:
-                append_jsonl(failures_path(out), {"id": rid, "doc_id": d.id, "stage": stage, "attempts": r.attempts,
-                                                  "error": r.error, "raw": [x[:2000] for x in r.raw]})
-                run["failed"] += 1
-                continue
-            pos = row_of.get(d.id)
-            if pos is None:
-                raise InputError(f"document {d.id} is not in the corpus that hard negatives are mined from")
-            neg, rank, source = bm25_hard_negative(hits[g], pos, texts, cfg.min_neg_rank, random.Random(f"{cfg.seed}:{rid}"))
-            negs = [["", texts[neg]]]
-            meta = {"domain": value.get("domain"), "key_concepts": _listify(value.get("key_concepts")),
-                    "reasoning_patterns": _listify(value.get("reasoning_patterns")), "parse": method,
-                    "attempts": r.attempts, "new_tokens": r.new_tokens, "neg_id": corpus[neg].id, "neg_rank": rank,
-                    "neg_source": source, **extra}
-            if stage == "vl":
-                meta = {k: v for k, v in meta.items() if k not in ("domain", "key_concepts", "reasoning_patterns")}
-            ln = llm_negs[g]
-            if ln is not None:
-                if ln.ok:
-                    negs.append(["", str(ln.value["passage"])])
-                meta["llm_negative"] = "ok" if ln.ok else f"failed: {ln.error}"
-            g += 1
-            append_jsonl(out, {"id": rid, "doc_id": d.id, "stage": stage, "query": [cfg.instruction, str(value["query"]).strip()],
-                               "pos": [["", texts[pos]]], "neg": negs, "meta": meta})
-            run["written"] += 1
+        made = _generate_chunk(backend, chunk, cfg, seed)
+        written, failed = _write_chunk(made, backend, pool, cfg, seed, done, out)
+        run["written"] += written
+        run["failed"] += failed
         n_done += todo
         if progress is not None:
             progress(n_done, len(jobs))

@@ -304,6 +304,58 @@ def _log_callback(log_fn):
     return LogCallback()
 
 
+def _check_training_size(train_dataset, steps: int, batch_size: int) -> int:
+    """Validate steps and batch size against the dataset (or its instruction groups); the number of rows."""
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    if batch_size < 2:
+        raise InputError(f"batch_size must be >= 2 for in-batch negatives, got {batch_size}")
+    sizes = [len(d) for d in train_dataset.values()] if hasattr(train_dataset, "values") else [len(train_dataset)]
+    n_rows = sum(sizes)
+    if max(sizes) < batch_size:
+        raise InputError(f"{n_rows} training examples cannot fill one batch of {batch_size}; lower batch_size or add rows")
+    small = [n for n in sizes if n < batch_size]
+    if small:  # every batch comes from one instruction group; a group smaller than a batch is never drawn
+        log.warning("%d instruction group(s) with %d examples in all are smaller than batch_size=%d and are not trained on",
+                    len(small), sum(small), batch_size)
+    return n_rows
+
+
+def _training_args(output_dir, prompts, *, steps: int, batch_size: int, lr: float, warmup_ratio: float,
+                   weight_decay: float, seed: int, logging_steps: int, quiet: bool, dataloader_workers: int):
+    """``SentenceTransformerTrainingArguments``: constant lr after warm-up, no duplicates in a batch, no checkpoints."""
+    import torch
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+
+    on_cpu = not torch.cuda.is_available()
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=int(steps),
+        per_device_train_batch_size=int(batch_size),
+        learning_rate=float(lr),
+        warmup_steps=float(warmup_ratio),
+        lr_scheduler_type="constant_with_warmup",
+        weight_decay=float(weight_decay),
+        logging_steps=max(1, int(logging_steps)),
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        seed=int(seed),
+        data_seed=int(seed),
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
+        dataloader_drop_last=True,
+        dataloader_num_workers=int(dataloader_workers),
+        prompts=prompts,
+        use_cpu=on_cpu,
+        ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        bf16=not on_cpu and torch.cuda.is_bf16_supported(),
+        disable_tqdm=quiet,
+        ddp_find_unused_parameters=False,
+    )
+
+
 def train_retriever(
     model,
     train_dataset,
@@ -330,22 +382,9 @@ def train_retriever(
     dropped, which keeps DDP ranks in step.  ``output_dir`` holds the trainer's scratch files only
     (no checkpoints are written); save the model yourself.
     """
-    import torch
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+    from sentence_transformers import SentenceTransformerTrainer
 
-    if steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
-    if batch_size < 2:
-        raise InputError(f"batch_size must be >= 2 for in-batch negatives, got {batch_size}")
-    sizes = [len(d) for d in train_dataset.values()] if hasattr(train_dataset, "values") else [len(train_dataset)]
-    n_rows = sum(sizes)
-    if max(sizes) < batch_size:
-        raise InputError(f"{n_rows} training examples cannot fill one batch of {batch_size}; lower batch_size or add rows")
-    small = [n for n in sizes if n < batch_size]
-    if small:  # every batch comes from one instruction group; a group smaller than a batch is never drawn
-        log.warning("%d instruction group(s) with %d examples in all are smaller than batch_size=%d and are not trained on",
-                    len(small), sum(small), batch_size)
+    n_rows = _check_training_size(train_dataset, steps, batch_size)
     history: list[dict] = []
 
     def record(**row):
@@ -353,32 +392,9 @@ def train_retriever(
         if log_fn is not None:
             log_fn(**row)
 
-    on_cpu = not torch.cuda.is_available()
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=int(steps),
-        per_device_train_batch_size=int(batch_size),
-        learning_rate=float(lr),
-        warmup_steps=float(warmup_ratio),
-        lr_scheduler_type="constant_with_warmup",
-        weight_decay=float(weight_decay),
-        logging_steps=max(1, int(logging_steps)),
-        logging_first_step=True,
-        save_strategy="no",
-        report_to="none",
-        seed=int(seed),
-        data_seed=int(seed),
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
-        dataloader_drop_last=True,
-        dataloader_num_workers=int(dataloader_workers),
-        prompts=prompts,
-        use_cpu=on_cpu,
-        ddp_backend="gloo" if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        bf16=not on_cpu and torch.cuda.is_bf16_supported(),
-        disable_tqdm=quiet,
-        ddp_find_unused_parameters=False,
-    )
+    args = _training_args(output_dir, prompts, steps=steps, batch_size=batch_size, lr=lr, warmup_ratio=warmup_ratio,
+                          weight_decay=weight_decay, seed=seed, logging_steps=logging_steps, quiet=quiet,
+                          dataloader_workers=dataloader_workers)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss,
                                          callbacks=[_log_callback(record)])
     if quiet:  # no per-log dict printing either

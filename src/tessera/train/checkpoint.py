@@ -236,21 +236,13 @@ def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) 
 
 def save_tensors(path: str | Path, tensors: dict) -> Path:
     """A plain ``name -> tensor`` dict (a cached module's state dict) to one safetensors file, atomically."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
 
+    from tessera.config import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_unalias(tensors), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(_unalias(tensors), str(tmp))
     return path
 
 
