@@ -7,16 +7,14 @@ and exits with code 2.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from tessera import __version__, ui
+
+ui.quiet_libraries()
 
 import typer  # noqa: E402
 
-from tessera import __version__, ui  # noqa: E402
 from tessera.errors import TesseraError  # noqa: E402
 
 app = typer.Typer(

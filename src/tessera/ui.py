@@ -54,10 +54,19 @@ def info(message: str) -> None:
         console.print(message)
 
 
+def quiet_libraries() -> None:
+    """Command-line defaults (a user's own settings win): no transformers/HF Hub chatter or progress bars,
+    no tokenizers fork warning.  Call before transformers is imported."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def run_app(typer_app) -> None:
     """Run a typer app with tessera's error contract: a TesseraError is one line on stderr, exit 2."""
     from tessera.errors import TesseraError
 
+    quiet_libraries()
     try:
         typer_app()
     except TesseraError as e:

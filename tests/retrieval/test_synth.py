@@ -217,3 +217,28 @@ def test_cli_synth_survives_kill_9(tmp_path, tiny_lm_dir):
     assert rows(out) == rows(ref) and rows(S.failures_path(out)) == rows(S.failures_path(ref))
     ids = [x["id"] for x in rows(out) + rows(S.failures_path(out))]
     assert len(ids) == len(set(ids)) == 8
+
+
+def test_round_trip_filter_drops_queries_bm25_cannot_trace_back(tmp_path):
+    docs = corpus(24)
+    out = tmp_path / "rows.jsonl"
+
+    def reply(conv, t):
+        if "Study 2 " in conv[-1]["content"]:  # a query that has nothing to do with its document
+            return 'x", "key_concepts": ["a"], "reasoning_patterns": ["b"], "query": "What is the airspeed velocity of an unladen swallow in spring?"}'
+        return good_reply(conv, t)
+
+    run = S.synthesize(docs[:6], ScriptedBackend(reply), out, S.SynthConfig(filter_top_k=3), corpus=docs)
+    assert (run["written"], run["rejected"], run["failed"]) == (5, 1, 0)
+    dropped = read_jsonl(S.rejected_path(out))
+    assert [r["id"] for r in dropped] == ["d2/hq"] and (dropped[0]["source_rank"] is None or dropped[0]["source_rank"] > 3)
+    kept = read_jsonl(out)
+    assert all(1 <= r["meta"]["source_rank"] <= 3 for r in kept)
+    again = S.synthesize(docs[:6], ScriptedBackend(reply), out, S.SynthConfig(filter_top_k=3), corpus=docs)
+    assert again["jobs"] == 0, "rejected queries are not generated again"
+    stats = S.synth_stats(out, run)
+    assert (stats["rows"], stats["rejected"], stats["kept_fraction"]) == (5, 1, round(5 / 6, 4))
+    assert len(stats["samples"]["kept"]) == 5 and stats["samples"]["rejected"][0]["doc_id"] == "d2"
+    assert stats["run"]["rows_per_hour"] > 0
+    unfiltered = S.synthesize(docs[:6], ScriptedBackend(reply), tmp_path / "all.jsonl", S.SynthConfig(), corpus=docs)
+    assert unfiltered["written"] == 6 and unfiltered["rejected"] == 0

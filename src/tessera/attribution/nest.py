@@ -294,10 +294,12 @@ class _NestDecoder:
         self.stream = -1
         self.done = False  # a stop token ended the generation
 
-    def prefill(self, cache) -> None:
-        """Run the prompt into ``cache`` (a fresh KV cache) and mix at its last position."""
+    def prefill(self, cache, t0: float) -> None:
+        """Run the prompt into ``cache`` (a fresh KV cache; ``prefill_s`` counts this pass from ``t0``) and mix
+        at its last position."""
         self.cache = cache
         logits, h = lm_forward(self.model, self.ids, self.cache, last_only=True)
+        self.stats.prefill_s = time.perf_counter() - t0
         self.cur = mixture_at(logits, h, self.datastore, self.cfg)
 
     @property
@@ -424,8 +426,7 @@ def nest_decode(lm, datastore: TokenDatastore | None, input_ids: torch.Tensor, c
     dec = _NestDecoder(lm, datastore, ids, cfg, max_new_tokens, on_token)
     stats = dec.stats
     t0 = time.perf_counter()
-    dec.prefill(DynamicCache(config=lm.model.config))
-    stats.prefill_s = time.perf_counter() - t0
+    dec.prefill(DynamicCache(config=lm.model.config), t0)
     stats.stop_reason = "length"
     while not dec.done and dec.remaining > 0:
         dec.step()

@@ -419,6 +419,7 @@ def synth_cmd(
     repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="Local LM repetition penalty (keeps small models out of loops)."),
     llm_negative: bool = typer.Option(False, "--llm-negative", help="Also ask the LM for a hard negative that shares the query's surface but does not help."),
     min_neg_rank: int = typer.Option(20, "--min-neg-rank", help="BM25 hard negative: the first non-positive at this rank or lower (ReasonIR: 20)."),
+    filter_top_k: int = typer.Option(0, "--filter-top-k", help="Round-trip filter: keep a query only if BM25 ranks its source document in this top k of the corpus (0 = keep all); dropped queries go to OUT.rejected.jsonl."),
     min_words: int = typer.Option(30, "--min-words", help="Seed filter: drop documents shorter than this."),
     max_words: int = typer.Option(5000, "--max-words", help="Seed filter: drop documents longer than this."),
     max_doc_words: int = typer.Option(150, "--max-doc-words", help="Document words shown to the generator."),
@@ -444,6 +445,8 @@ def synth_cmd(
         raise InputError(f"--limit must be 0 (all) or a number of documents, got {limit}")
     if min_neg_rank < 1:
         raise InputError(f"--min-neg-rank must be at least 1, got {min_neg_rank}")
+    if filter_top_k < 0:
+        raise InputError(f"--filter-top-k must be 0 (off) or a rank, got {filter_top_k}")
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; pass a .jsonl file")
     if is_collection_spec(corpus):
@@ -456,7 +459,7 @@ def synth_cmd(
     if not seeds:
         raise InputError(f"no document of {corpus} passes the length filter ({min_words}..{max_words} words); change --min-words/--max-words")
     chosen = select_documents(seeds, limit or None, (i, n), seed)
-    cfg = SynthConfig(stages=stage_list, seed=seed, llm_negative=llm_negative, min_neg_rank=min_neg_rank,
+    cfg = SynthConfig(stages=stage_list, seed=seed, llm_negative=llm_negative, min_neg_rank=min_neg_rank, filter_top_k=filter_top_k,
                       max_doc_words=max_doc_words, hq_max_new_tokens=hq_tokens, vl_max_new_tokens=vl_tokens,
                       chunk_size=max(1, 2 * (concurrency if lm_url else batch_size)))
     if instruction is not None:
@@ -473,7 +476,41 @@ def synth_cmd(
     stats = synth_stats(out, run, extra={"corpus": corpus, "shard": f"{i}/{n}", "limit": limit or None,
                                          "seed_documents": counts, "lm": lm if not lm_url else f"{lm}@{lm_url}",
                                          "config": config_dict(cfg), "backend": backend.stats.to_dict()})
-    ui.out.print(f"{run['written']} rows written, {run['failed']} failed, {run['skipped_finished']} already done; "
+    ui.out.print(f"{run['written']} rows written, {run['rejected']} rejected by the round-trip filter, {run['failed']} failed, "
+                 f"{run['skipped_finished']} already done; "
                  f"{stats['rows']} rows in {out} ({stats['failures']} failures recorded); "
                  f"{run.get('tokens_per_s', 0):.1f} generated tokens/s")
     ui.out.print(f"stats: {stats_path(out)}")
+
+
+@retrieval_app.command("pairs")
+def pairs_cmd(
+    sources: list[str] = typer.Argument(..., help=f"Document sources: {_COLLECTION_OPT} (documents only, never queries), 'wikitext2', 'python-docs', or a file/folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Training rows (JSONL, ReasonIR format). Also writes OUT.stats.json and OUT.parts/ (finished sources; a rerun resumes from them)."),
+    kinds: str = typer.Option("crop,title", "--kinds", help="Comma-separated: crop (Contriever's independent cropping) and/or title (title or first sentence -> text)."),
+    negatives: str = typer.Option("bm25", "--negatives", help="bm25: ReasonIR's hard negative (first non-positive at BM25 rank >= --min-neg-rank); none."),
+    min_neg_rank: int = typer.Option(20, "--min-neg-rank", help="BM25 hard negative rank (ReasonIR: 20)."),
+    crops_per_chunk: int = typer.Option(1, "--crops-per-chunk", help="Crop pairs drawn from each chunk of a document."),
+    chunk_words: int = typer.Option(256, "--chunk-words", help="Documents are cut into chunks of this many words before cropping."),
+    max_chunks: int = typer.Option(4, "--max-chunks", help="At most this many chunks of one document are cropped."),
+    word_dropout: float = typer.Option(0.1, "--word-dropout", help="Probability of deleting each word of a crop (Contriever: 0.1)."),
+    max_pos_words: int = typer.Option(200, "--max-pos-words", help="Positives and negatives are cut to this many words."),
+    instruction: str = typer.Option("", "--instruction", help="Query instruction stored in the rows."),
+    seed: int = typer.Option(0, "--seed", help="Seeds every crop and fallback negative (per source, document and kind)."),
+):
+    """Training pairs from documents alone: Contriever crops and title pairs, with BM25 hard negatives."""
+    from tessera.retrieval.pairs import PairSettings, build_pairs
+
+    settings = PairSettings(kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), crops_per_chunk=crops_per_chunk,
+                            chunk_words=chunk_words, max_chunks_per_doc=max_chunks, word_dropout=word_dropout,
+                            max_pos_words=max_pos_words, negatives=negatives, min_neg_rank=min_neg_rank,
+                            instruction=instruction, seed=seed)
+
+    def report(name: str, st: dict) -> None:
+        neg = st.get("negatives") or {}
+        ui.info(f"{name}: {st['rows']} rows from {st['documents']} documents {st['rows_by_kind']}"
+                + (f"; negatives {neg.get('bm25', 0)} at rank >= {min_neg_rank}" if neg else "")
+                + (" (resumed)" if st.get("resumed") else ""))
+
+    stats = build_pairs(sources, out, settings, progress=report)
+    ui.out.print(f"{stats['rows']} rows in {out} ({stats['wall_s']} s)")

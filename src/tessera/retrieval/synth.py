@@ -272,10 +272,18 @@ class SynthConfig:
     retries: int = 3
     chunk_size: int = 16  # documents per resumable chunk
     seed: int = 0
+    # round-trip consistency filter (Promptagator, InPars): keep a query only when BM25 ranks its source
+    # document in the top ``filter_top_k`` of the corpus; 0 = keep every query
+    filter_top_k: int = 0
 
 
 def failures_path(out: Path) -> Path:
     return out.with_name(out.name + ".failures.jsonl") if out.suffix != ".jsonl" else out.with_suffix(".failures.jsonl")
+
+
+def rejected_path(out: Path) -> Path:
+    """Queries the round-trip filter dropped (with the source document's BM25 rank), one JSON row each."""
+    return out.with_name(out.name + ".rejected.jsonl") if out.suffix != ".jsonl" else out.with_suffix(".rejected.jsonl")
 
 
 def stats_path(out: Path) -> Path:
@@ -283,12 +291,12 @@ def stats_path(out: Path) -> Path:
 
 
 def finished_ids(out: Path, include_failures: bool = True) -> set[str]:
-    """Ids already in ``out`` (and in its failures file): a resumed run skips them.
+    """Ids already in ``out`` (and in its rejected and failures files): a resumed run skips them.
 
     These are files this command wrote, so a line a crash left unfinished (invalid JSON, or a
     UTF-8 character cut in two) is skipped, not an error: that row is generated again."""
     ids: set[str] = set()
-    paths = [Path(out)] + ([failures_path(out)] if include_failures else [])
+    paths = [Path(out), rejected_path(out)] + ([failures_path(out)] if include_failures else [])
     for p in paths:
         if not p.is_file():
             continue
@@ -387,13 +395,23 @@ def _negatives_for(good: list[tuple], backend, pool: _NegativePool, cfg: SynthCo
     """``(BM25 hits, LLM-written negatives or None)`` for the usable queries ``good``."""
     from tessera.lm.jsonx import generate_json
 
-    hits = pool.bm25.search_many([m[2]["query"] for m in good], k=max(cfg.bm25_depth, cfg.min_neg_rank + 10)) if good else []
+    depth = max(cfg.bm25_depth, cfg.min_neg_rank + 10, cfg.filter_top_k)
+    hits = pool.bm25.search_many([m[2]["query"] for m in good], k=depth) if good else []
     llm_negs = [None] * len(good)
     if cfg.llm_negative and good:
         llm_negs = generate_json(backend, [negative_messages(m[2]["query"]) for m in good], keys=("passage",),
                                  validate=lambda o: None if len(str(o.get("passage", "")).split()) >= 10 else "passage too short",
                                  retries=cfg.retries, max_new_tokens=cfg.neg_max_new_tokens, prefix='{"passage": "', seed=seed)
     return hits, llm_negs
+
+
+def source_rank(hits: Sequence[tuple[int, float]], positive: int, texts: Sequence[str]) -> int | None:
+    """1-based rank of the source document (or a document with the same text) among ``hits``; ``None`` if absent."""
+    pos_text = _norm(texts[positive])
+    for r, (i, _) in enumerate(hits):
+        if i == positive or _norm(texts[i]) == pos_text:
+            return r + 1
+    return None
 
 
 def _training_row(rid: str, made: tuple, hit, llm_neg, pool: _NegativePool, cfg: SynthConfig) -> dict:
@@ -420,14 +438,14 @@ def _training_row(rid: str, made: tuple, hit, llm_neg, pool: _NegativePool, cfg:
 
 
 def _write_chunk(made: list[tuple], backend, pool: _NegativePool, cfg: SynthConfig, seed: int, done: set[str],
-                 out: Path) -> tuple[int, int]:
+                 out: Path) -> tuple[int, int, int]:
     """Mine negatives for a generated chunk and append its rows not yet in ``out`` (failures to the failures
-    file); ``(rows written, failures)``."""
+    file, queries the round-trip filter drops to the rejected file); ``(rows written, failures, rejected)``."""
     from tessera.data.jsonl import append_jsonl
 
     good = [m for m in made if m[2] is not None]
     hits, llm_negs = _negatives_for(good, backend, pool, cfg, seed)
-    written = failed = 0
+    written = failed = rejected = 0
     g = 0
     for m in made:
         stage, d, value, _method, r, _extra = m
@@ -441,10 +459,17 @@ def _write_chunk(made: list[tuple], backend, pool: _NegativePool, cfg: SynthConf
             failed += 1
             continue
         row = _training_row(rid, m, hits[g], llm_negs[g], pool, cfg)
+        rank = source_rank(hits[g], pool.row_of[d.id], pool.texts)
+        row["meta"]["source_rank"] = rank
         g += 1
+        if cfg.filter_top_k and (rank is None or rank > cfg.filter_top_k):
+            append_jsonl(rejected_path(out), {"id": rid, "doc_id": d.id, "stage": stage, "query": row["query"][1],
+                                              "source_rank": rank, "top_k": cfg.filter_top_k})
+            rejected += 1
+            continue
         append_jsonl(out, row)
         written += 1
-    return written, failed
+    return written, failed, rejected
 
 
 def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthConfig | None = None,
@@ -462,7 +487,7 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
     all_jobs = [(d, s) for d in docs for s in cfg.stages]
     jobs = [(d, s) for d, s in all_jobs if f"{d.id}/{s}" not in done]
     run = {"jobs": len(jobs), "skipped_finished": len(docs) * len(cfg.stages) - len(jobs), "written": 0, "failed": 0,
-           "new_tokens": 0, "seconds": 0.0}
+           "rejected": 0, "new_tokens": 0, "seconds": 0.0}
     if not jobs:
         return run
     pool = _NegativePool(corpus)
@@ -477,14 +502,17 @@ def synthesize(docs: Sequence[Document], backend, out: str | Path, cfg: SynthCon
         # an uninterrupted run); only its missing rows are written
         seed = cfg.seed * 100_003 + c
         made = _generate_chunk(backend, chunk, cfg, seed)
-        written, failed = _write_chunk(made, backend, pool, cfg, seed, done, out)
+        written, failed, rejected = _write_chunk(made, backend, pool, cfg, seed, done, out)
         run["written"] += written
         run["failed"] += failed
+        run["rejected"] += rejected
         n_done += todo
         if progress is not None:
             progress(n_done, len(jobs))
     run["new_tokens"] = backend.stats.new_tokens - tok0
-    run["seconds"] = round(time.perf_counter() - t0, 2)
+    elapsed = time.perf_counter() - t0
+    run["seconds"] = round(elapsed, 2)
+    run["rows_per_hour"] = round(3600 * run["written"] / elapsed, 1) if elapsed > 0 else 0.0
     run["tokens_per_s"] = round(run["new_tokens"] / run["seconds"], 3) if run["seconds"] else 0.0
     return run
 
@@ -508,7 +536,10 @@ def synth_stats(out: str | Path, run: dict | None = None, extra: dict | None = N
     out = Path(out)
     rows = read_jsonl(out, skip_bad=True) if out.is_file() else []
     fails = read_jsonl(failures_path(out), skip_bad=True) if failures_path(out).is_file() else []
-    report: dict = {"out": str(out), "rows": len(rows), "failures": len(fails), "stages": {}}
+    rejected = read_jsonl(rejected_path(out), skip_bad=True) if rejected_path(out).is_file() else []
+    report: dict = {"out": str(out), "rows": len(rows), "failures": len(fails), "rejected": len(rejected),
+                    "kept_fraction": round(len(rows) / max(1, len(rows) + len(rejected)), 4),
+                    "samples": _samples(rows, rejected), "stages": {}}
     for stage in sorted({r.get("stage") for r in rows} | {f.get("stage") for f in fails}):
         rs = [r for r in rows if r.get("stage") == stage]
         fs = [f for f in fails if f.get("stage") == stage]
@@ -534,6 +565,15 @@ def synth_stats(out: str | Path, run: dict | None = None, extra: dict | None = N
     if write:
         atomic_write_text(stats_path(out), json.dumps(report, indent=2, ensure_ascii=False))
     return report
+
+
+def _samples(rows: list[dict], rejected: list[dict], n: int = 5) -> dict:
+    """A seeded sample of kept queries (with their source document's BM25 rank) and of rejected ones."""
+    rng = random.Random(0)
+    kept = [{"query": r["query"][1], "doc_id": r.get("doc_id"), "source_rank": r.get("meta", {}).get("source_rank")}
+            for r in rows]
+    drop = [{k: r.get(k) for k in ("query", "doc_id", "source_rank")} for r in rejected]
+    return {"kept": rng.sample(kept, min(n, len(kept))), "rejected": rng.sample(drop, min(n, len(drop)))}
 
 
 def config_dict(cfg: SynthConfig) -> dict:
