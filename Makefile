@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/selfcite.py
 	$(PY) benchmarks/nest.py
 	$(PY) benchmarks/reasonir.py
+	$(PY) benchmarks/reasonir_tto.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/pit.py
 	$(PY) benchmarks/btx.py

@@ -1,445 +1,394 @@
-"""ReasonIR benchmark: synthetic data from SciFact documents with the embedded LM, fine-tuning, test-time compute, RAG.
+"""ReasonIR's claim at this machine's scale: training data written from documents alone makes a retriever better.
 
-Stages (each one's result is cached in ``--work``, default ``$TESSERA_HOME/bench/reasonir/``, so an
-interrupted run resumes where it stopped; the cache, with the synthetic rows, their stats and the
-fine-tuned model, is kept for inspection):
+Stages (each cached in ``--work``, default ``$TESSERA_HOME/bench/reasonir-data``; a rerun resumes):
 
-1. ``speed``: generated tokens/s of the local backend (embedded SmolLM2-135M-Instruct)
-   on the same HQ prompts at batch 1 and batched (left padding);
-2. ``synth``: ``tessera.retrieval.synth`` on a seeded sample of SciFact *documents*
-   (never the claims): HQ queries for ``--synth-docs`` documents and VL queries for
-   ``--vl-docs`` of them, BM25 rank>=20 hard negatives;
-3. ``base`` / ``after``: nDCG@10 of MiniLM (all-MiniLM-L6-v2) before and after
-   fine-tuning with the ``retrieval-train`` recipe on the synthetic rows, on SciFact's
-   train claims (our dev set), Cranfield and Vaswani;
-4. ``tto``: test-time compute on a seeded subset of SciFact dev claims with the
-   fine-tuned retriever: ``--rewrite reason`` (LM reasoning + expanded query) and the
-   LM reranker (P("Yes"), min-max, 0.5 retriever + 0.5 reranker) over the top 10;
-5. ``rag``: MMLU ``val`` (a seeded subset) closed-book vs. top-k BM25 passages from
-   WikiText-2 (test) prepended, answered by the option letter's log-likelihood.
+1. ``synth``: ``tessera.retrieval.synth`` on a seeded sample of ``--synth-docs`` SciFact *documents*
+   (never the claims) with the embedded SmolLM2, HQ queries, BM25 rank>=20 hard negatives, kept only
+   when BM25 ranks the source document in the top ``--filter-top-k`` of the whole corpus (round-trip
+   filtering, as Promptagator and InPars do for weak generators).  One invocation spends at most
+   ``--synth-minutes``; run again to continue (rows append by id).
+2. ``pairs``: Contriever crops of the SciFact corpus (``tessera.retrieval.pairs``), BM25 negatives.
+3. ``baselines``: BM25 and all-MiniLM-L6-v2 on the held-out claims (the full 5,183-document corpus),
+   Cranfield and Vaswani.  SciFact's claims are split by a hash of the claim id, about 80/20.
+4. ``finetune``: MiniLM fine-tuned (``retrieval-train``: InfoNCE over in-batch and hard negatives) on
+   (a) the training claims, (b) (a) plus the filtered synthetic rows, (c) (b) plus crops, one epoch each,
+   ``--seeds`` seeds; the curve of held-out nDCG@10 against synthetic rows used (seed 0).  Nothing is
+   trained on Cranfield's or Vaswani's queries.
 
-Scaled down for a 2-core shared CPU (recorded in the JSON): SciFact and Vaswani are
-evaluated on sub-corpora (every judged document of the evaluated queries plus a seeded
-random sample of the others, ``--scifact-docs`` / ``--vaswani-docs`` in all), which
-raises absolute nDCG but compares before/after on identical corpora; Cranfield is
-complete.  Torch runs on ``--threads`` threads (default 1).
-
-Usage: nice -n 5 python benchmarks/reasonir.py [--stages speed,synth,base,train,after,tto,rag] [--fresh]
+Usage: python benchmarks/reasonir.py [--quick] [--stages synth,pairs,baselines,finetune] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from _common import package_versions
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TESSERA_QUIET", "1")
 
-STAGES = ("speed", "synth", "base", "train", "after", "tto", "rag")
+from _common import package_versions  # noqa: E402
 
-
-def versions() -> dict:
-    return {"python": platform.python_version(),
-            **package_versions("tessera", "torch", "transformers", "sentence-transformers", "bm25s", "faiss-cpu",
-                               "pytrec-eval-terrier", "openai")}
+STAGES = ("synth", "pairs", "baselines", "finetune")
+CONFIGS = ("a_claims", "b_claims_synthetic", "c_claims_synthetic_crops")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def held_out(claim_id: str) -> bool:
+    """The held-out fifth of SciFact's claims: a hash of the id, so the split never depends on order."""
+    return int(hashlib.sha1(f"scifact-claim:{claim_id}".encode()).hexdigest(), 16) % 5 == 0
+
+
 class Work:
-    """Stage results cached as JSON files (``<stage>.json``) in a work folder."""
+    """Stage results cached as ``<stage>.json`` in the work folder."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    def get(self, stage: str):
-        p = self.folder / f"{stage}.json"
+    def get(self, name: str):
+        p = self.folder / f"{name}.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
-    def put(self, stage: str, value) -> None:
+    def put(self, name: str, value) -> None:
         from tessera.config import atomic_write_text
 
-        atomic_write_text(self.folder / f"{stage}.json", json.dumps(value, indent=2))
+        atomic_write_text(self.folder / f"{name}.json", json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def sub_collection(coll, n_docs: int, seed: int, query_ids=None):
-    """The collection restricted to the judged documents of its (selected) queries plus a seeded random
-    sample of the other documents, ``n_docs`` in all (all documents when ``n_docs`` is 0 or larger)."""
-    from tessera.data.types import Collection
+# ------------------------------------------------------------------------------------------------ data
 
-    queries = [q for q in coll.queries if query_ids is None or q.id in set(query_ids)]
-    if n_docs <= 0 or n_docs >= len(coll.docs):
-        return Collection(coll.docs, queries, {q.id: coll.qrels[q.id] for q in queries}, coll.name, coll.n_skipped)
-    judged = {d for q in queries for d in coll.qrels.get(q.id, {})}
-    keep = [d for d in coll.docs if d.id in judged]
-    others = [d for d in coll.docs if d.id not in judged]
-    keep += random.Random(seed).sample(others, max(0, min(len(others), n_docs - len(keep))))
-    ids = {d.id for d in keep}
-    docs = [d for d in coll.docs if d.id in ids]  # corpus order
-    return Collection(docs, queries, {q.id: coll.qrels[q.id] for q in queries}, coll.name, coll.n_skipped)
-
-
-def eval_collections(args):
+def scifact():
     from tessera.retrieval.search import open_collection
 
+    return open_collection("scifact")
+
+
+def stage_synth(args, work: Work) -> dict:
+    """Filtered synthetic rows from SciFact documents, within this invocation's time budget."""
+    from tessera.lm import load_backend
+    from tessera.retrieval.synth import SynthConfig, seed_documents, select_documents, synth_stats, synthesize
+
+    docs = scifact().docs
+    seeds, counts = seed_documents(docs, min_words=30, max_words=5000)
+    chosen = select_documents(seeds, args.synth_docs, seed=args.seed)
+    out = work.folder / "synth.jsonl"
+    cfg = SynthConfig(stages=("hq",), seed=args.seed, filter_top_k=args.filter_top_k, chunk_size=2 * args.batch_size)
+    backend = load_backend("default", device="cpu", batch_size=args.batch_size, repetition_penalty=1.1)
+    t0, runs = time.perf_counter(), []
+    step = 4 * cfg.chunk_size
+    for start in range(0, len(chosen), step):
+        if time.perf_counter() - t0 > 60 * args.synth_minutes:
+            log(f"synth: time budget of {args.synth_minutes} min spent; run again to continue")
+            break
+        runs.append(synthesize(chosen[start:start + step], backend, out, cfg, corpus=seeds))
+        log(f"synth: {start + step}/{len(chosen)} documents, {sum(r['written'] for r in runs)} kept, "
+            f"{sum(r['rejected'] for r in runs)} rejected this run")
+    run = {k: sum(r[k] for r in runs) for k in ("written", "rejected", "failed", "new_tokens")}
+    run["seconds"] = round(time.perf_counter() - t0, 1)
+    run["rows_per_hour"] = round(3600 * run["written"] / max(run["seconds"], 1e-9), 1)
+    stats = synth_stats(out, run, extra={"seed_documents": counts, "documents_chosen": len(chosen)})
+    stats["complete"] = stats["rows"] + stats["rejected"] + stats["failures"] >= len(chosen)
+    return stats
+
+
+def stage_pairs(args, work: Work) -> dict:
+    from tessera.retrieval.pairs import PairSettings, build_pairs
+
+    stats = build_pairs(["scifact"], work.folder / "crops-all.jsonl", PairSettings(kinds=("crop",), seed=args.seed))
+    rows = [json.loads(line) for line in (work.folder / "crops-all.jsonl").read_text().splitlines()]
+    rows = random.Random(args.seed).sample(rows, min(args.crop_rows, len(rows)))
+    _write_rows(work.folder / "crops.jsonl", rows)
+    return {"rows_available": stats["rows"], "rows_used": len(rows), "wall_s": stats["wall_s"]}
+
+
+def claim_rows(limit: int = 0) -> tuple[list[dict], dict]:
+    from tessera.retrieval.train import mine_bm25_negatives
+
+    coll = scifact()
+    train_ids = [q.id for q in coll.queries if not held_out(q.id)]
+    rows, stats = mine_bm25_negatives(coll, n_negatives=1, query_ids=train_ids)
+    if limit:
+        rows = random.Random(0).sample(rows, min(limit, len(rows)))
+    return rows, {"train_claims": len(train_ids), "rows": len(rows), "no_positive": stats["no_positive_in_corpus"]}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    from tessera.data.jsonl import write_jsonl_atomic
+
+    # MiniLM has no instructions: every query is plain text, so all rows share one prompt group
+    return write_jsonl_atomic(path, [{**r, "query": ["", r["query"][1]]} for r in rows])
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def eval_collections(quick: bool) -> dict:
+    """Held-out claims over the full SciFact corpus, Cranfield and Vaswani (``--quick``: SciFact only, on the
+    judged documents plus 1,000 others, for iterating)."""
+    from tessera.data.types import Collection
+    from tessera.retrieval.search import open_collection
+
+    sf = scifact()
+    queries = [q for q in sf.queries if held_out(q.id)]
+    docs = sf.docs
+    if quick:
+        judged = {d for q in queries for d in sf.qrels.get(q.id, {})}
+        others = random.Random(0).sample([d for d in docs if d.id not in judged], 1000)
+        keep = judged | {d.id for d in others}
+        docs = [d for d in docs if d.id in keep]
+    colls = {"scifact_heldout": Collection(docs, queries, {q.id: sf.qrels[q.id] for q in queries if q.id in sf.qrels},
+                                           "scifact_heldout")}
+    if not quick:
+        colls["cranfield"] = open_collection("cranfield")
+        colls["vaswani"] = open_collection("vaswani")
+    return colls
+
+
+def evaluate_run(run, coll, seconds: float) -> dict:
+    from tessera.retrieval.metrics import evaluate
+
+    m = evaluate(run, coll.qrels)
+    return {"ndcg@10": round(m["ndcg@10"], 5), "recall@100": round(m["recall@100"], 5), "n_queries": m["n_queries"],
+            "n_docs": len(coll.docs), "seconds": round(seconds, 1)}
+
+
+def eval_dense(spec: str, colls: dict, names=None, max_seq_length: int = 128) -> dict:
+    from tessera.hub import load_encoder
+    from tessera.retrieval.search import dense_run
+
+    model = load_encoder(spec, device="cpu")
+    model.max_seq_length = max_seq_length
     out = {}
-    sf = open_collection("scifact")
-    out["scifact_dev"] = sub_collection(sf, args.scifact_docs, args.seed)
-    out["cranfield"] = open_collection("cranfield")
-    out["vaswani"] = sub_collection(open_collection("vaswani"), args.vaswani_docs, args.seed)
+    for name in names or colls:
+        t = time.perf_counter()
+        out[name] = evaluate_run(dense_run(model, colls[name], k=100, batch_size=64), colls[name], time.perf_counter() - t)
+        log(f"  {Path(spec).name} {name}: nDCG@10 {out[name]['ndcg@10']:.4f} ({out[name]['seconds']} s)")
     return out
 
 
-def dense_eval(model, colls: dict, batch_size: int = 32, save_dir: Path | None = None) -> dict:
-    """nDCG@10 etc. per collection; with ``save_dir`` the SciFact dev index and run are kept for the ``tto`` stage."""
-    from tessera.retrieval.metrics import evaluate
-    from tessera.retrieval.search import dense_index, dense_run
+def stage_baselines(args, work: Work, colls: dict) -> dict:
+    from tessera.retrieval.search import bm25_run
 
-    res = {}
+    bm25 = {}
     for name, c in colls.items():
         t = time.perf_counter()
-        index = dense_index(model, c, batch_size=batch_size)
-        run = dense_run(model, c, k=100, batch_size=batch_size, index=index)
-        if save_dir is not None and name == "scifact_dev":
-            index.save(save_dir / "scifact_dev_index")
-            (save_dir / "scifact_dev_run.json").write_text(json.dumps(run))
-        m = evaluate(run, c.qrels)
-        res[name] = {"ndcg@10": round(m["ndcg@10"], 6), "recall@100": round(m["recall@100"], 6), "mrr@10": round(m["mrr@10"], 6),
-                     "n_queries": m["n_queries"], "n_docs": len(c.docs), "seconds": round(time.perf_counter() - t, 1),
-                     "per_query_ndcg@10": {q: round(v["ndcg@10"], 6) for q, v in m["per_query"].items()}}
-        log(f"  {name}: nDCG@10 {m['ndcg@10']:.4f} ({m['n_queries']} queries, {len(c.docs)} docs, {res[name]['seconds']} s)")
+        bm25[name] = evaluate_run(bm25_run(c, k=100), c, time.perf_counter() - t)
+    return {"bm25": bm25, "minilm": eval_dense("default-encoder", colls, max_seq_length=args.max_seq_length)}
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def train(args, work: Work, name: str, rows: list[dict], seed: int) -> tuple[str, dict]:
+    """Fine-tune MiniLM on ``rows`` for ``--epochs`` epochs; returns (model folder, training figures)."""
+    from tessera.recipes.retrieval_train import Config, main
+
+    data = _write_rows(work.folder / "train" / f"{name}-s{seed}.jsonl", rows)
+    dump = work.folder / "train" / f"{name}-s{seed}"
+    if dump.exists():
+        shutil.rmtree(dump)
+    steps = max(1, args.epochs * len(rows) // args.train_batch)
+    main(Config(data=str(data), backbone="default-encoder", dump_dir=str(dump), seed=seed, steps=steps,
+                batch_size=args.train_batch, lr=args.lr, temperature=args.temperature, max_seq_length=args.max_seq_length,
+                logging_steps=max(1, steps // 10)))
+    res = json.loads((dump / "results.json").read_text())
+    return str(dump / "model"), {k: res.get(k) for k in ("rows", "examples", "steps", "train_s", "loss_first", "loss_last")}
+
+
+def stage_finetune(args, work: Work, colls: dict) -> dict:
+    """(a), (b), (c) per seed, judged on the held-out claims; the best on SciFact (mean over seeds) is also
+    judged on Cranfield and Vaswani, every seed of it; then the curve over synthetic rows (first seed)."""
+    claims, claim_stats = claim_rows(args.claim_rows)
+    synthetic = _read(work.folder / "synth.jsonl")
+    crops = _read(work.folder / "crops.jsonl")
+    sets = {"a_claims": claims, "b_claims_synthetic": claims + synthetic,
+            "c_claims_synthetic_crops": claims + synthetic + crops}
+    out = {"data": {**claim_stats, "synthetic_rows": len(synthetic), "crop_rows": len(crops)}, "runs": {}, "curve": {}}
+    for seed in args.seeds:
+        for name, rows in sets.items():
+            out["runs"][f"{name}/s{seed}"] = _trained(args, work, f"ft-{name}-s{seed}", name, rows, seed, colls)
+    summary = summarise(out, args.seeds)
+    best = max(summary, key=lambda k: summary[k]["scifact_heldout"]["mean"])
+    others = [c for c in colls if c != "scifact_heldout"]
+    for seed in args.seeds if others else []:
+        run = out["runs"][f"{best}/s{seed}"]
+        if not set(others) <= set(run["eval"]):
+            run["eval"].update(eval_dense(run["model"], colls, others, args.max_seq_length))
+            work.put(f"ft-{best}-s{seed}", run)
+    for n in args.curve:
+        if 0 < n < len(synthetic):
+            used = random.Random(args.seeds[0]).sample(synthetic, n)
+            out["curve"][str(n)] = _trained(args, work, f"curve-{n}", f"curve{n}", claims + used, args.seeds[0],
+                                            colls)
+    return out
+
+
+def _trained(args, work: Work, cache: str, name: str, rows: list[dict], seed: int, colls: dict) -> dict:
+    """Train (or reuse) one model and judge it on the held-out claims."""
+    cached = work.get(cache)
+    if cached is None:
+        log(f"finetune {cache}: {len(rows)} rows")
+        model, figures = train(args, work, name, rows, seed)
+        cached = {"model": model, "train": figures,
+                  "eval": eval_dense(model, colls, ["scifact_heldout"], args.max_seq_length)}
+        work.put(cache, cached)
+    return cached
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _mean_std(xs: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(xs), 5), "std": round(statistics.pstdev(xs), 5) if len(xs) > 1 else 0.0,
+            "n": len(xs)}
+
+
+def summarise(ft: dict, seeds: list[int]) -> dict:
+    """Mean and std over seeds of nDCG@10 per configuration and collection."""
+    out = {}
+    for name in CONFIGS:
+        runs = [ft["runs"].get(f"{name}/s{s}") for s in seeds]
+        runs = [r for r in runs if r]
+        if runs:
+            out[name] = {c: _mean_std([r["eval"][c]["ndcg@10"] for r in runs]) for c in runs[0]["eval"]}
+    return out
+
+
+def goals(base: dict, summary: dict, synth: dict | None) -> dict:
+    def goal(target, measured, ok, **extra):
+        return {"target": target, "measured": measured, "met": bool(measured is not None and ok(measured)), **extra}
+
+    sf = "scifact_heldout"
+    kept = (synth or {}).get("rows")
+    a, b = summary.get("a_claims", {}).get(sf), summary.get("b_claims_synthetic", {}).get(sf)
+    gain = round(100 * (b["mean"] - a["mean"]), 2) if a and b else None
+    best = max(summary, key=lambda k: summary[k][sf]["mean"]) if summary else None
+    vs_bm25 = round(100 * (summary[best][sf]["mean"] - base["bm25"][sf]["ndcg@10"]), 2) if best else None
+    losses = [round(100 * (base["minilm"][c]["ndcg@10"] - summary[best][c]["mean"]), 2)
+              for c in ("cranfield", "vaswani") if best and c in summary[best]]
+    return {
+        "synthetic_rows": goal(1000, kept, lambda m: m >= 1000),
+        "reasonir_synthetic_gain_points": goal(2, gain, lambda m: m >= 2),
+        "finetuned_minus_bm25_scifact": goal(0, vs_bm25, lambda m: m >= 0, best_config=best),
+        "cranfield_vaswani_loss_points": goal(0.5, max(losses) if losses else None, lambda m: m <= 0.5, best_config=best),
+        "llm_retriever_minus_bm25_scifact": goal(0, None, lambda m: m >= 0, information=True,
+                                                 note="the SmolLM2 retriever (DRAMA's recipe) is not trained in this run yet"),
+    }
+
+
+def write_results(args, work: Work, t0: float, load_start) -> dict:
+    from tessera.config import atomic_write_text
+
+    synth, base, ft = work.get("synth"), work.get("baselines"), work.get("finetune")
+    summary = summarise(ft, args.seeds) if ft else {}
+    res = {"benchmark": "reasonir", "quick": args.quick,
+           "config": {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "work")},
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_start": load_start,
+                       "load_average_end": os.getloadavg()},
+           "versions": {"python": platform.python_version(),
+                        **package_versions("tessera", "torch", "transformers", "sentence-transformers", "bm25s")},
+           "wall_s": round(time.perf_counter() - t0, 1), "work_dir": str(work.folder),
+           "split": "SciFact train claims split by sha1('scifact-claim:' + id) % 5 == 0 -> held out (about 20%)",
+           "synthesis": synth, "pairs": work.get("pairs"), "baselines": base,
+           "gates": {"minilm_minus_bm25_scifact_points": round(100 * (base["minilm"]["scifact_heldout"]["ndcg@10"]
+                                                                      - base["bm25"]["scifact_heldout"]["ndcg@10"]), 2)}
+           if base else {},
+           "finetune": ft, "ndcg@10_mean_over_seeds": summary,
+           "curve_ndcg@10_scifact_heldout": _curve(ft) if ft else {},
+           "goals": goals(base, summary, synth) if base else {}}
+    atomic_write_text(Path(args.out), json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    log(f"wrote {args.out}")
     return res
 
 
-# ---------------------------------------------------------------------------------------------- stages
+def _curve(ft: dict) -> dict:
+    """Held-out nDCG@10 (first seed) against synthetic rows used: 0 is (a), "all" is (b)."""
+    first = lambda name: next((v for k, v in ft["runs"].items() if k.startswith(name + "/")), None)  # noqa: E731
+    points = {"0": first("a_claims")}
+    points.update(ft.get("curve", {}))
+    points["all"] = first("b_claims_synthetic")
+    return {k: v["eval"]["scifact_heldout"]["ndcg@10"] for k, v in points.items() if v}
 
 
-def stage_speed(args, backend):
-    from tessera.data.ir import read_scifact
-    from tessera.data.paths import shared_data_dir
-    from tessera.retrieval.synth import hq_messages, select_documents
-
-    docs = select_documents(read_scifact(shared_data_dir() / "ir/scifact").docs, limit=args.speed_prompts, seed=args.seed + 1)
-    convs = [hq_messages(d) for d in docs]
-    out = {"prompts": len(convs), "max_new_tokens": args.speed_tokens, "decoding": "greedy, no early stop, prefix '{\"domain\": \"'"}
-    for bs in (1, len(convs)):
-        tok0, s0 = backend.stats.new_tokens, backend.stats.seconds
-        t = time.perf_counter()
-        gens = backend.chat(convs, max_new_tokens=args.speed_tokens, prefix='{"domain": "', batch_size=bs)
-        wall = time.perf_counter() - t
-        n = backend.stats.new_tokens - tok0
-        out[f"batch_{bs}"] = {"new_tokens": n, "seconds": round(wall, 2), "tokens_per_s": round(n / wall, 3),
-                              "prompt_tokens": sum(g.prompt_tokens for g in gens)}
-        log(f"  batch {bs}: {n} tokens in {wall:.1f} s = {n / wall:.2f} tokens/s")
-    out["batched_over_batch1"] = round(out[f"batch_{len(convs)}"]["tokens_per_s"] / out["batch_1"]["tokens_per_s"], 3)
-    return out
-
-
-def stage_synth(args, backend, work: Work):
-    from tessera.data.ir import read_scifact
-    from tessera.data.paths import shared_data_dir
-    from tessera.retrieval.synth import SynthConfig, config_dict, seed_documents, select_documents, synth_stats, synthesize
-
-    corpus = read_scifact(shared_data_dir() / "ir/scifact").docs  # documents only; the claims are never read here
-    seeds, counts = seed_documents(corpus)
-    sample = select_documents(seeds, limit=args.synth_docs, seed=args.seed)
-    out = work.folder / "synth.jsonl"
-    runs = {}
-    for stage, docs in (("hq", sample), ("vl", sample[:args.vl_docs])):
-        cfg = SynthConfig(stages=(stage,), seed=args.seed, chunk_size=args.batch_size, vl_max_new_tokens=args.vl_tokens)
-        prev = work.get(f"synth_run_{stage}") or {}
-        t = time.perf_counter()
-        run = synthesize(docs, backend, out, cfg, corpus=seeds,
-                         progress=lambda i, n: log(f"  {stage}: {i}/{n}"))
-        if run["jobs"]:
-            prev = run
-            work.put(f"synth_run_{stage}", run)
-        runs[stage] = prev
-        log(f"  {stage}: {run} in {time.perf_counter() - t:.0f} s")
-    stats = synth_stats(out, extra={"seed_documents": counts, "config": config_dict(cfg)})
-    gen_tokens = sum(r.get("new_tokens", 0) for r in runs.values())
-    gen_s = sum(r.get("seconds", 0) for r in runs.values())
-    return {"rows_file": str(out), "documents": len(sample), "vl_documents": min(args.vl_docs, len(sample)), "runs": runs,
-            "generation_seconds": round(gen_s, 1), "generated_tokens": gen_tokens,
-            "tokens_per_s": round(gen_tokens / gen_s, 3) if gen_s else None, "stats": stats}
-
-
-def stage_train(args, work: Work):
-    from tessera.recipes.retrieval_train import Config, main
-
-    dump = work.folder / "train"
-    if dump.exists():
-        shutil.rmtree(dump)
-    cfg = Config(data=str(work.folder / "synth.jsonl"), backbone="default-encoder", dump_dir=str(dump), seed=args.seed,
-                 steps=args.train_steps, batch_size=args.train_batch, lr=args.lr, max_seq_length=256, logging_steps=5)
-    t = time.perf_counter()
-    main(cfg)
-    res = json.loads((dump / "results.json").read_text())
-    res["wall_s"] = round(time.perf_counter() - t, 1)
-    return {k: res.get(k) for k in ("model", "rows", "examples", "steps", "train_s", "wall_s", "loss_first", "loss_last",
-                                    "train_loss_mean", "effective_batch")} | {"lr": args.lr, "batch_size": args.train_batch}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few documents, one seed, SciFact only: minutes, for iterating")
     ap.add_argument("--stages", default=",".join(STAGES))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8, help="local LM batch size")
-    ap.add_argument("--repetition-penalty", type=float, default=1.1)
-    ap.add_argument("--speed-prompts", type=int, default=4)
-    ap.add_argument("--speed-tokens", type=int, default=48)
-    ap.add_argument("--synth-docs", type=int, default=24)
-    ap.add_argument("--vl-docs", type=int, default=8)
-    ap.add_argument("--vl-tokens", type=int, default=160)
-    ap.add_argument("--train-steps", type=int, default=20)
-    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--synth-docs", type=int, default=1700, help="about 60%% pass the filter: 1,700 for 1,000 rows")
+    ap.add_argument("--synth-minutes", type=float, default=40.0, help="synthesis time budget of one invocation")
+    ap.add_argument("--filter-top-k", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=8, help="generator batch size")
+    ap.add_argument("--crop-rows", type=int, default=500)
+    ap.add_argument("--max-seq-length", type=int, default=128, help="tokens per text in training and encoding "
+                    "(all-MiniLM-L6-v2 was trained at 128)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--curve", default="250,500")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--scifact-docs", type=int, default=600)
-    ap.add_argument("--vaswani-docs", type=int, default=1000)
-    ap.add_argument("--tto-queries", type=int, default=15)
-    ap.add_argument("--rerank-top", type=int, default=10)
-    ap.add_argument("--rewrite-tokens", type=int, default=64)
-    ap.add_argument("--rerank-doc-words", type=int, default=100)
-    ap.add_argument("--rag-passage-words", type=int, default=100)
-    ap.add_argument("--mmlu-n", type=int, default=40)
-    ap.add_argument("--rag-k", type=int, default=2)
-    ap.add_argument("--fresh", action="store_true", help="discard cached stage results")
-    ap.add_argument("--work", default="", help="stage cache folder (default $TESSERA_HOME/bench/reasonir)")
+    ap.add_argument("--temperature", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=0, help="document sample and crop sample")
+    ap.add_argument("--claim-rows", type=int, default=0, help="use only this many training claims (0 = all; --quick: 64)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--work", default="")
+    ap.add_argument("--fresh", action="store_true", help="discard the cached stages")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reasonir.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.synth_docs, args.synth_minutes, args.crop_rows = min(args.synth_docs, 16), min(args.synth_minutes, 5), 32
+        args.seeds, args.curve, args.train_batch, args.claim_rows = "0", "8", 16, 64
+        if args.out == ap.get_default("out"):
+            args.out = ""  # a quick run's JSON stays in its work folder, not among the recorded results
+    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    args.curve = [int(s) for s in str(args.curve).split(",") if s.strip()]
+    return args
 
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    from tessera.lm import load_backend
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tessera.hub import tessera_home
 
-    out_path = Path(args.out)
-    if args.work:
-        work_dir = Path(args.work)
-    else:
-        from tessera.hub import tessera_home
-
-        work_dir = tessera_home() / "bench" / "reasonir"
-    if args.fresh and work_dir.exists():
-        shutil.rmtree(work_dir)
-    work = Work(work_dir)
-    stages = [s for s in args.stages.split(",") if s]
-    load_start = os.getloadavg()
-    backend = None
-
-    def lm():
-        nonlocal backend
-        if backend is None:
-            backend = load_backend("default", device="cpu", batch_size=args.batch_size, repetition_penalty=args.repetition_penalty)
-        return backend
-
+    folder = Path(args.work) if args.work else tessera_home() / "bench" / ("reasonir-quick" if args.quick else "reasonir-data")
+    if args.fresh and folder.exists():
+        shutil.rmtree(folder)
+    work, t0, load_start = Work(folder), time.perf_counter(), os.getloadavg()
+    args.out = args.out or str(folder / "reasonir_quick.json")
     colls = None
-    for stage in stages:
-        if work.get(stage) is not None:
+    for stage in [s for s in args.stages.split(",") if s]:
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage}; use {', '.join(STAGES)}")
+        cached = work.get(stage)
+        if cached is not None and (stage != "synth" or cached.get("complete")):
             log(f"{stage}: cached")
             continue
         log(f"{stage}: running")
-        t = time.perf_counter()
-        if stage == "speed":
-            res = stage_speed(args, lm())
-        elif stage == "synth":
-            res = stage_synth(args, lm(), work)
-        elif stage in ("base", "after"):
-            from tessera.hub import load_encoder
-
-            colls = colls or eval_collections(args)
-            spec = "default-encoder" if stage == "base" else str(work.folder / "train" / "model")
-            save = work.folder / stage
-            save.mkdir(exist_ok=True)
-            res = dense_eval(load_encoder(spec, device="cpu"), colls, save_dir=save)
-        elif stage == "train":
-            res = stage_train(args, work)
-        elif stage == "tto":
-            colls = colls or eval_collections(args)
-            res = stage_tto(args, lm(), work, colls)
-        elif stage == "rag":
-            res = stage_rag(args, lm())
-        else:
-            raise SystemExit(f"unknown stage {stage}")
-        res["stage_wall_s"] = round(time.perf_counter() - t, 1)
-        res["load_average_end"] = os.getloadavg()
+        if stage in ("baselines", "finetune"):
+            colls = colls or eval_collections(args.quick)
+        res = {"synth": lambda: stage_synth(args, work), "pairs": lambda: stage_pairs(args, work),
+               "baselines": lambda: stage_baselines(args, work, colls),
+               "finetune": lambda: stage_finetune(args, work, colls)}[stage]()
         work.put(stage, res)
-    write_results(args, work, load_start)
-
-
-def stage_tto(args, backend, work, colls):
-    """Rewriting and reranking on a seeded subset of SciFact dev claims, with the fine-tuned retriever."""
-    from tessera.data.types import Collection, Query
-    from tessera.hub import load_encoder
-    from tessera.retrieval.dense_index import DenseIndex
-    from tessera.retrieval.metrics import evaluate
-    from tessera.retrieval.rerank import rerank_run
-    from tessera.retrieval.rewrite import rewrite_queries, rewrite_stats
-    from tessera.retrieval.search import dense_run
-
-    c = colls["scifact_dev"]
-    qids = sorted(random.Random(args.seed).sample([q.id for q in c.queries], min(args.tto_queries, len(c.queries))))
-    sub = Collection(c.docs, [q for q in c.queries if q.id in set(qids)], {q: c.qrels[q] for q in qids}, c.name)
-    stage = "after" if (work.folder / "after" / "scifact_dev_index").is_dir() else "base"
-    spec = str(work.folder / "train" / "model") if stage == "after" else "default-encoder"
-    model = load_encoder(spec, device="cpu")
-    index = DenseIndex.load(work.folder / stage / "scifact_dev_index")
-    full_run = json.loads((work.folder / stage / "scifact_dev_run.json").read_text())
-    run = {q: full_run[q] for q in qids}
-    res = {"retriever": f"MiniLM {'fine-tuned on the synthetic rows' if stage == 'after' else '(base)'}", "n_queries": len(qids),
-           "query_ids": qids, "n_docs": len(c.docs)}
-
-    def score(r):
-        m = evaluate(r, sub.qrels)
-        return {"ndcg@10": round(m["ndcg@10"], 6), "recall@100": round(m["recall@100"], 6), "mrr@10": round(m["mrr@10"], 6)}
-
-    res["retriever_only"] = score(run)
-    log(f"  retriever only: {res['retriever_only']}")
-    t = time.perf_counter()
-    tok0 = backend.stats.new_tokens
-    rws = rewrite_queries(backend, [q.text for q in sub.queries], "reason", args.rewrite_tokens, seed=args.seed)
-    rew_sub = Collection(c.docs, [Query(q.id, r.text) for q, r in zip(sub.queries, rws)], sub.qrels, c.name)
-    res["rewrite"] = {**score(dense_run(model, rew_sub, k=100, index=index)), **rewrite_stats(rws),
-                      "max_new_tokens": args.rewrite_tokens, "seconds": round(time.perf_counter() - t, 1),
-                      "generated_tokens": backend.stats.new_tokens - tok0,
-                      "examples": [{"query": r.query, "rewrite": r.text[:600], "method": r.method} for r in rws[:3]]}
-    log(f"  rewrite: {res['rewrite']['ndcg@10']}")
-    t = time.perf_counter()
-    texts = {d.id: d.full_text for d in c.docs}
-    reranked, llm = rerank_run(run, {q.id: q.text for q in sub.queries}, texts, backend, top_n=args.rerank_top,
-                               max_doc_words=args.rerank_doc_words)
-    res["rerank"] = {**score(reranked), "top_n": args.rerank_top, "max_doc_words": args.rerank_doc_words, "weight_retriever": 0.5,
-                     "pairs": sum(len(v) for v in llm.values()), "seconds": round(time.perf_counter() - t, 1)}
-    # the reranker alone (weight 0) for reference: does the LM's P(Yes) order the top documents at all?
-    alone = {}
-    for q, docs in run.items():
-        from tessera.retrieval.rerank import fuse_scores
-        from tessera.retrieval.metrics import ranked
-
-        top = dict(ranked(docs, args.rerank_top))
-        fused = fuse_scores(top, llm[q], weight=0.0)
-        alone[q] = {**fused, **{d: -1.0 - i for i, (d, _) in enumerate(ranked(docs)) if d not in fused}}
-    res["reranker_only_top_n"] = score(alone)
-    log(f"  rerank: {res['rerank']['ndcg@10']} (reranker alone {res['reranker_only_top_n']['ndcg@10']})")
-    return res
-
-
-def stage_rag(args, backend):
-    from tessera.data.paths import shared_data_dir
-    from tessera.data.qa import read_mmlu
-    from tessera.rag import open_datastore, rag_eval, sample_questions
-
-    questions = sample_questions(read_mmlu(shared_data_dir() / "mmlu", split="val"), args.mmlu_n, args.seed)
-    index = open_datastore("wikitext2")
-    res = rag_eval(questions, backend, index, k=args.rag_k, retriever="bm25", max_passage_words=args.rag_passage_words)
-    res = {"split": "val", "n_questions": len(questions), "datastore": f"WikiText-2 test ({len(index.passages)} passages, "
-           f"chunked to <= 160 tokens)", "retriever": "bm25", "k": args.rag_k, "max_passage_words": args.rag_passage_words,
-           "closed_book": res["modes"]["closed"]["accuracy"], "rag": res["modes"]["rag"]["accuracy"],
-           "rag_minus_closed": res["rag_minus_closed"], "seconds": res["seconds"],
-           "pred_distribution": {m: r["pred_distribution"] for m, r in res["modes"].items()}, "chance": 0.25}
-    log(f"  MMLU closed {res['closed_book']} rag {res['rag']}")
-    return res
-
-
-def machine(args, load_start, work_loads=None) -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": args.threads, "device": "cpu", "load_average_when_written": os.getloadavg(),
-            "stage_load_averages": {s: (work_loads or {}).get(s) for s in STAGES}, "torch": torch.__version__}
-
-
-def write_results(args, work, load_start):
-    from tessera.config import atomic_write_text
-
-    got = {s: work.get(s) for s in STAGES}
-    loads = {s: (got[s] or {}).get("load_average_end") for s in STAGES}
-    res: dict = {"benchmark": "reasonir", "machine": machine(args, load_start, loads), "versions": versions(),
-                 "config": {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "stages", "work")}, "work_dir": str(work.folder),
-                 "scaled_down_for_cpu": (
-                     f"generator SmolLM2-135M-Instruct (ReasonIR: Llama-3.3-70B-class); {args.synth_docs} SciFact documents for HQ "
-                     f"and {args.vl_docs} for VL; retriever MiniLM-L6 fine-tuned {args.train_steps} steps at batch {args.train_batch} "
-                     f"(ReasonIR: Llama-3.1-8B, 1000 steps, batch 2048); SciFact dev and Vaswani evaluated on sub-corpora "
-                     f"({args.scifact_docs} and {args.vaswani_docs} documents: all judged documents + a seeded random sample); "
-                     f"rewriting/reranking on {args.tto_queries} seeded SciFact dev claims; MMLU val: {args.mmlu_n} seeded questions"),
-                 "stages_done": [s for s in STAGES if got[s] is not None]}
-    if got["speed"]:
-        res["generation_speed"] = got["speed"]
-    if got["synth"]:
-        res["synthesis"] = got["synth"]
-    if got["train"]:
-        res["training"] = got["train"]
-    if got["base"]:
-        res["retrieval"] = {}
-        for name, b in got["base"].items():
-            if not isinstance(b, dict):
-                continue
-            row = {"base": {k: b[k] for k in ("ndcg@10", "recall@100", "mrr@10")}, "n_queries": b["n_queries"], "n_docs": b["n_docs"]}
-            a = (got["after"] or {}).get(name)
-            if isinstance(a, dict):
-                row["after"] = {k: a[k] for k in ("ndcg@10", "recall@100", "mrr@10")}
-                row["delta_ndcg@10_points"] = round(100 * (a["ndcg@10"] - b["ndcg@10"]), 2)
-                pq_b, pq_a = b["per_query_ndcg@10"], a["per_query_ndcg@10"]
-                row["queries_improved"] = sum(pq_a[q] > pq_b[q] + 1e-9 for q in pq_b)
-                row["queries_hurt"] = sum(pq_a[q] < pq_b[q] - 1e-9 for q in pq_b)
-            res["retrieval"][name] = row
-    goals = {}
-    sf = res.get("retrieval", {}).get("scifact_dev", {})
-    if "delta_ndcg@10_points" in sf:
-        d = sf["delta_ndcg@10_points"]
-        goals["synthetic_finetune_plus_2_ndcg_scifact_dev"] = {
-            "target_points": 2.0, "measured_points": d, "met": d >= 2.0,
-            "note": None if d >= 2.0 else (
-                f"missed: {(res.get('training') or {}).get('examples')} synthetic rows from a 135M generator (short, generic, "
-                "often statement-like queries: see synthesis_examples) give MiniLM little new signal, and InfoNCE at temperature "
-                f"0.02 memorises them (loss {(res.get('training') or {}).get('loss_first', 0):.2f} -> "
-                f"{(res.get('training') or {}).get('loss_last', 0):.3f} in {args.train_steps} steps); knobs: a stronger generator "
-                "through --lm-url (vLLM), thousands of documents (synth is resumable and shardable), fewer steps per row")}
-
-    if got["tto"]:
-        t = got["tto"]
-        res["test_time_compute"] = t
-        base = t["retriever_only"]["ndcg@10"]
-        t["delta_rewrite_points"] = round(100 * (t["rewrite"]["ndcg@10"] - base), 2)
-        t["delta_rerank_points"] = round(100 * (t["rerank"]["ndcg@10"] - base), 2)
-        d = t["delta_rerank_points"]
-        goals["reranker_plus_1_ndcg_more"] = {
-            "target_points": 1.0, "measured_points": d, "met": d >= 1.0, "n_queries": t["n_queries"],
-            "note": None if d >= 1.0 else (
-                "missed: SmolLM2-135M's P(Yes) barely separates relevant from non-relevant abstracts (reranker alone: "
-                f"{t['reranker_only_top_n']['ndcg@10']} vs retriever {base}); knob: a larger reranker LM via --lm/--lm-url "
-                "(ReasonIR reranks with a large LLM), more queries for a less noisy estimate")}
-    if got["rag"]:
-        res["rag"] = got["rag"]
-    res["goals"] = goals
-    res["synthesis_examples"] = _examples(work)
-    atomic_write_text(Path(args.out), json.dumps(res, indent=2, ensure_ascii=False))
-    log(f"wrote {args.out}")
-
-
-def _examples(work, n: int = 4) -> list[dict]:
-    p = work.folder / "synth.jsonl"
-    if not p.is_file():
-        return []
-    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-    return [{"id": r["id"], "query": r["query"][1], "doc_start": r["pos"][0][1][:160], "parse": r["meta"].get("parse"),
-             "domain": r["meta"].get("domain"), "neg_rank": r["meta"].get("neg_rank")} for r in rows[:n]]
+    return write_results(args, work, t0, load_start)
 
 
 if __name__ == "__main__":
