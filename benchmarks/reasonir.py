@@ -297,7 +297,11 @@ def write_results(args, work: Work, t0: float, load_start) -> dict:
 
     synth, base, ft = work.get("synth"), work.get("baselines"), work.get("finetune")
     summary = summarise(ft, args.seeds) if ft else {}
-    res = {"benchmark": "reasonir", "quick": args.quick,
+    partial = [why for why, missing in (
+        (f"seeds {args.seeds} of the three (0, 1, 2): rerun with --seeds 0,1,2 to add the others", len(args.seeds) < 3),
+        ("synthesis stopped at its time budget: rerun to continue", bool(synth) and not synth.get("complete")),
+        ("no curve points: rerun with --curve 250,500", not args.curve)) if missing]
+    res = {"benchmark": "reasonir", "quick": args.quick, "partial_run": partial,
            "config": {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "work")},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_start": load_start,
                        "load_average_end": os.getloadavg()},

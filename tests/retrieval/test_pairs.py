@@ -77,18 +77,18 @@ def test_bm25_negative_is_never_the_source_and_ranks_low():
     docs = _corpus(40)
     s = P.PairSettings(min_neg_rank=20)
     rows = [r for d in docs for r in P.doc_rows("src", d, s)]
-    counts = P.add_bm25_negatives(rows, docs, s)
+    counts = P.add_negatives(rows, docs, s)
     by_id = {d.id: d for d in docs}
     for r in rows:
         assert r["source"]["neg_doc_id"] != r["source"]["doc_id"]
         assert r["neg"][0][1] == " ".join(by_id[r["source"]["neg_doc_id"]].full_text.split()[:s.max_pos_words])
-    assert counts["bm25"] == len(rows) and min(counts["ranks"]) >= 20
+    assert counts["ranked"] == len(rows) and min(counts["ranks"]) >= 20
     near = P.PairSettings(min_neg_rank=1, kinds=("title",))
     rows = [r for d in docs for r in P.doc_rows("src", d, near)]
-    P.add_bm25_negatives(rows, docs, near)
+    P.add_negatives(rows, docs, near)
     assert all(r["source"]["neg_doc_id"] != r["source"]["doc_id"] for r in rows), "the source is skipped even at rank 1"
     with pytest.raises(EmptyCorpusError, match="second document"):
-        P.add_bm25_negatives(P.doc_rows("src", docs[0], s), docs[:1], s)
+        P.add_negatives(P.doc_rows("src", docs[0], s), docs[:1], s)
 
 
 def _folder(tmp_path, docs):
@@ -118,7 +118,7 @@ def test_build_pairs_writes_training_rows_and_resumes(tmp_path, monkeypatch):
     assert out.read_bytes() == first and all(st["resumed"] for st in again["sources"].values())
 
 
-@pytest.mark.parametrize("kwargs,match", [({"kinds": ("crops",)}, "unknown pair kind"), ({"negatives": "dense"}, "--negatives"),
+@pytest.mark.parametrize("kwargs,match", [({"kinds": ("crops",)}, "unknown pair kind"), ({"negatives": "dpr"}, "--negatives"),
                                           ({"min_ratio": 0.6, "max_ratio": 0.5}, "ratios"), ({"chunk_words": 0}, "at least 1")])
 def test_bad_settings_are_one_line_errors(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -142,3 +142,17 @@ def test_cli_pairs_on_cranfield(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) > 1300 and all(r["source"]["kind"] == "title" for r in rows)
     assert all(r["source"]["neg_doc_id"] != r["source"]["doc_id"] for r in rows)
+
+
+@pytest.mark.integration
+def test_minilm_negatives_are_ranked_by_the_encoder():
+    docs = _corpus(30)
+    s = P.PairSettings(negatives="minilm", min_neg_rank=5, kinds=("title",))
+    rows = [r for d in docs for r in P.doc_rows("src", d, s)]
+    counts = P.add_negatives(rows, docs, s)
+    assert counts["ranked"] == len(rows) and min(counts["ranks"]) >= 5
+    assert all(r["source"]["neg_by"] == "minilm" and r["source"]["neg_doc_id"] != r["source"]["doc_id"] for r in rows)
+    ranked = P.dense_hits([rows[0]["query"][1]], docs, k=30)[0]
+    assert [i for i, _ in ranked].index(int(rows[0]["source"]["neg_doc_id"][1:])) + 1 == rows[0]["source"]["neg_rank"]
+    hits = P.dense_hits([docs[3].full_text], docs, k=3)[0]
+    assert hits[0][0] == 3 and hits[0][1] >= hits[1][1], "a document's own text ranks it first"

@@ -488,7 +488,7 @@ def pairs_cmd(
     sources: list[str] = typer.Argument(..., help=f"Document sources: {_COLLECTION_OPT} (documents only, never queries), 'wikitext2', 'python-docs', or a file/folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Training rows (JSONL, ReasonIR format). Also writes OUT.stats.json and OUT.parts/ (finished sources; a rerun resumes from them)."),
     kinds: str = typer.Option("crop,title", "--kinds", help="Comma-separated: crop (Contriever's independent cropping) and/or title (title or first sentence -> text)."),
-    negatives: str = typer.Option("bm25", "--negatives", help="bm25: ReasonIR's hard negative (first non-positive at BM25 rank >= --min-neg-rank); none."),
+    negatives: str = typer.Option("bm25", "--negatives", help="bm25 or minilm: ReasonIR's hard negative, the first non-positive at that retriever's rank >= --min-neg-rank; none."),
     min_neg_rank: int = typer.Option(20, "--min-neg-rank", help="BM25 hard negative rank (ReasonIR: 20)."),
     crops_per_chunk: int = typer.Option(1, "--crops-per-chunk", help="Crop pairs drawn from each chunk of a document."),
     chunk_words: int = typer.Option(256, "--chunk-words", help="Documents are cut into chunks of this many words before cropping."),
@@ -509,7 +509,7 @@ def pairs_cmd(
     def report(name: str, st: dict) -> None:
         neg = st.get("negatives") or {}
         ui.info(f"{name}: {st['rows']} rows from {st['documents']} documents {st['rows_by_kind']}"
-                + (f"; negatives {neg.get('bm25', 0)} at rank >= {min_neg_rank}" if neg else "")
+                + (f"; {negatives} negatives {neg.get('ranked', 0)} at rank >= {min_neg_rank}" if neg else "")
                 + (" (resumed)" if st.get("resumed") else ""))
 
     stats = build_pairs(sources, out, settings, progress=report)

@@ -12,9 +12,10 @@ Two unsupervised sources of (query, positive) pairs, written in the ReasonIR row
   document's title is the query and its text the positive; a document without a title gives its
   first sentence as the query and the rest as the positive.
 
-Each row may get a hard negative as ReasonIR mines them: BM25 over the source's documents ranks
-them for the query and the first document at rank ``min_neg_rank`` (20) or lower that is not the
-source document is the negative (:func:`tessera.retrieval.synth.bm25_hard_negative`).
+Each row may get a hard negative as ReasonIR mines them: BM25 (or, with ``negatives="minilm"``, the
+embedded all-MiniLM-L6-v2) ranks the source's documents for the query and the first document at rank
+``min_neg_rank`` (20) or lower that is not the source document is the negative
+(:func:`tessera.retrieval.synth.bm25_hard_negative`).
 
 Everything is seeded per (seed, source, document, kind), so a row does not depend on which other
 documents or sources are in the run.  The rows of each source are written atomically to
@@ -36,7 +37,7 @@ from tessera.data.types import Document
 from tessera.errors import EmptyCorpusError, InputError
 
 PAIR_KINDS = ("crop", "title")
-NEGATIVE_MODES = ("bm25", "none")
+NEGATIVE_MODES = ("bm25", "minilm", "none")
 WIKITEXT = "wikitext2"
 
 
@@ -132,26 +133,46 @@ def doc_rows(source: str, doc: Document, s: PairSettings) -> list[dict]:
 
 # -- hard negatives --------------------------------------------------------------------------------------------------
 
-def add_bm25_negatives(rows: list[dict], docs: list[Document], s: PairSettings) -> dict:
-    """Give every row ReasonIR's BM25 hard negative from ``docs`` (the row's own document never); returns counts."""
+def bm25_hits(queries: list[str], docs: list[Document], k: int) -> list[list[tuple[int, float]]]:
     from tessera.retrieval.bm25 import BM25Index
+
+    return BM25Index.build([d.full_text for d in docs]).search_many(queries, k=k)
+
+
+def dense_hits(queries: list[str], docs: list[Document], k: int, encoder: str = "default-encoder") -> list[list[tuple[int, float]]]:
+    """``[(document row, score)]`` best first per query from a sentence-transformers encoder (default MiniLM)."""
+    from tessera.data.types import Collection, Query
+    from tessera.hub import load_encoder
+    from tessera.retrieval.search import dense_run
+
+    run = dense_run(load_encoder(encoder, device="cpu"), Collection(docs, [Query(str(i), q) for i, q in enumerate(queries)]),
+                    k=k, batch_size=64)
+    row_of = {d.id: i for i, d in enumerate(docs)}
+    return [sorted(((row_of[d], sc) for d, sc in run.get(str(i), {}).items()), key=lambda x: -x[1])
+            for i in range(len(queries))]
+
+
+def add_negatives(rows: list[dict], docs: list[Document], s: PairSettings) -> dict:
+    """Give every row ReasonIR's hard negative from ``docs`` (the row's own document never), ranked by BM25 or
+    MiniLM (``s.negatives``); returns counts."""
     from tessera.retrieval.synth import bm25_hard_negative
 
-    counts = {"bm25": 0, "low_rank": 0, "random": 0, "ranks": []}
+    counts = {"ranked": 0, "low_rank": 0, "random": 0, "ranks": []}  # at rank >= min_neg_rank / fallbacks
     if not rows:
         return counts
     if len(docs) < 2:
         raise EmptyCorpusError("a hard negative needs a second document; pass --negatives none for a one-document corpus")
     texts = [d.full_text for d in docs]
     row_of = {d.id: i for i, d in enumerate(docs)}
-    index = BM25Index.build(texts)
-    hits_all = index.search_many([r["query"][1] for r in rows], k=min(len(docs), s.min_neg_rank + 10))
+    ranker = dense_hits if s.negatives == "minilm" else bm25_hits
+    hits_all = ranker([r["query"][1] for r in rows], docs, min(len(docs), s.min_neg_rank + 10))
     for row, hits in zip(rows, hits_all):
         rng = random.Random(f"{s.seed}:neg:{row['id']}")
         neg, rank, how = bm25_hard_negative(hits, row_of[row["source"]["doc_id"]], texts, s.min_neg_rank, rng)
         row["neg"] = [["", _cut(texts[neg], s.max_pos_words)]]
         row["source"]["neg_doc_id"], row["source"]["neg_rank"] = docs[neg].id, rank
-        counts[how] += 1
+        row["source"]["neg_by"] = s.negatives
+        counts["ranked" if how == "bm25" else how] += 1
         if rank is not None:
             counts["ranks"].append(rank)
     return counts
@@ -200,8 +221,8 @@ def source_rows(source: str, docs: list[Document], s: PairSettings) -> tuple[lis
     stats = {"documents": len(docs), "rows": len(rows),
              "rows_by_kind": {k: sum(r["source"]["kind"] == k for r in rows) for k in s.kinds},
              "documents_without_rows": len({d.id for d in docs} - {r["source"]["doc_id"] for r in rows})}
-    if s.negatives == "bm25":
-        counts = add_bm25_negatives(rows, docs, s)
+    if s.negatives != "none":
+        counts = add_negatives(rows, docs, s)
         ranks = counts.pop("ranks")
         stats["negatives"] = {**counts, "median_rank": sorted(ranks)[len(ranks) // 2] if ranks else None}
     return rows, stats
