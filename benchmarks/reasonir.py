@@ -130,8 +130,7 @@ def claim_rows(limit: int = 0) -> tuple[list[dict], dict]:
 def _write_rows(path: Path, rows: list[dict]) -> Path:
     from tessera.data.jsonl import write_jsonl_atomic
 
-    # MiniLM has no instructions: every query is plain text, so all rows share one prompt group
-    return write_jsonl_atomic(path, [{**r, "query": ["", r["query"][1]]} for r in rows])
+    return write_jsonl_atomic(path, _plain(rows))
 
 
 def _read(path: Path) -> list[dict]:
@@ -171,6 +170,7 @@ def evaluate_run(run, coll, seconds: float) -> dict:
 
 
 def eval_dense(spec: str, colls: dict, names=None, max_seq_length: int = 128) -> dict:
+    """A symmetric model: every collection's documents encoded again (``--tower both``)."""
     from tessera.hub import load_encoder
     from tessera.retrieval.search import dense_run
 
@@ -184,6 +184,48 @@ def eval_dense(spec: str, colls: dict, names=None, max_seq_length: int = 128) ->
     return out
 
 
+def base_encoder(args):
+    from tessera.hub import load_encoder
+
+    model = load_encoder("default-encoder", device="cpu")
+    model.max_seq_length = args.max_seq_length
+    return model
+
+
+def doc_embeddings(args, work: Work, colls: dict) -> dict:
+    """Each collection's documents encoded once by the base MiniLM (the frozen document side), cached as .npy."""
+    import numpy as np
+
+    from tessera.retrieval.dense_index import encode_corpus
+
+    out, model = {}, None
+    for name, coll in colls.items():
+        path = work.folder / f"docs-{name}-L{args.max_seq_length}.npy"
+        if not path.is_file():
+            model = model or base_encoder(args)
+            t = time.perf_counter()
+            embs = encode_corpus(model, [d.full_text for d in coll.docs], batch_size=64, work_dir=work.folder / "shards",
+                                 rank=0, world_size=1)
+            np.save(path, embs)
+            log(f"  encoded {len(coll.docs)} {name} documents at {args.max_seq_length} tokens ({time.perf_counter() - t:.0f} s)")
+        out[name] = np.load(path)
+    return out
+
+
+def eval_queries(model, colls: dict, embs: dict, label: str) -> dict:
+    """Judge a query encoder against the cached document embeddings: only the queries are encoded."""
+    from tessera.retrieval.dense_index import DenseIndex
+    from tessera.retrieval.search import dense_run
+
+    out = {}
+    for name, coll in colls.items():
+        t = time.perf_counter()
+        index = DenseIndex.build(embs[name], [d.id for d in coll.docs], kind="flat")
+        out[name] = evaluate_run(dense_run(model, coll, k=100, batch_size=64, index=index), coll, time.perf_counter() - t)
+        log(f"  {label} {name}: nDCG@10 {out[name]['ndcg@10']:.4f}")
+    return out
+
+
 def stage_baselines(args, work: Work, colls: dict) -> dict:
     from tessera.retrieval.search import bm25_run
 
@@ -191,13 +233,14 @@ def stage_baselines(args, work: Work, colls: dict) -> dict:
     for name, c in colls.items():
         t = time.perf_counter()
         bm25[name] = evaluate_run(bm25_run(c, k=100), c, time.perf_counter() - t)
-    return {"bm25": bm25, "minilm": eval_dense("default-encoder", colls, max_seq_length=args.max_seq_length)}
+    return {"bm25": bm25, "minilm": eval_queries(base_encoder(args), colls, doc_embeddings(args, work, colls), "MiniLM"),
+            "max_seq_length": args.max_seq_length}
 
 
 # ------------------------------------------------------------------------------------------------ training
 
-def train(args, work: Work, name: str, rows: list[dict], seed: int) -> tuple[str, dict]:
-    """Fine-tune MiniLM on ``rows`` for ``--epochs`` epochs; returns (model folder, training figures)."""
+def train_symmetric(args, work: Work, name: str, rows: list[dict], seed: int) -> tuple[str, dict]:
+    """``--tower both``: fine-tune all of MiniLM (``retrieval-train``, in-batch and hard negatives)."""
     from tessera.recipes.retrieval_train import Config, main
 
     data = _write_rows(work.folder / "train" / f"{name}-s{seed}.jsonl", rows)
@@ -212,44 +255,76 @@ def train(args, work: Work, name: str, rows: list[dict], seed: int) -> tuple[str
     return str(dump / "model"), {k: res.get(k) for k in ("rows", "examples", "steps", "train_s", "loss_first", "loss_last")}
 
 
+class Trainer:
+    """Trains (or reuses) one fine-tuned MiniLM per (rows, seed) and judges it.
+
+    ``--tower query`` (default): only the query encoder trains, against the base MiniLM's document
+    embeddings of the whole SciFact corpus (:mod:`tessera.retrieval.query_tower`); every collection's
+    index is encoded once and a model is judged on all three by encoding its queries.
+    ``--tower both``: the whole model trains; each judgement re-encodes the documents.
+    """
+
+    def __init__(self, args, work: Work, colls: dict):
+        self.args, self.work, self.colls = args, work, colls
+        self.embs = doc_embeddings(args, work, colls) if args.tower == "query" else None
+        self._base = None
+
+    def key(self, name: str, seed: int) -> str:
+        return f"ft-{self.args.tower}-L{self.args.max_seq_length}-{name}-s{seed}"
+
+    def __call__(self, name: str, rows: list[dict], seed: int) -> dict:
+        cache = self.key(name, seed)
+        cached = self.work.get(cache)
+        if cached is None:
+            log(f"finetune {cache}: {len(rows)} rows")
+            cached = self._query(cache, rows, seed) if self.args.tower == "query" else self._both(name, rows, seed)
+            self.work.put(cache, cached)
+        return cached
+
+    def _query(self, cache: str, rows: list[dict], seed: int) -> dict:
+        from tessera.retrieval.query_tower import Candidates, QueryTowerSettings, train_query_tower
+
+        a = self.args
+        self._base = self._base or base_encoder(a)
+        held = self.colls["scifact_heldout"]  # the full corpus (--quick: the judged documents and 1,000 others)
+        cands = Candidates.from_corpus(self._base, held.docs, embeddings=self.embs["scifact_heldout"])
+        model, figures = train_query_tower(self._base, _plain(rows), cands, QueryTowerSettings(
+            epochs=a.epochs, batch_size=a.train_batch, lr=a.lr, temperature=a.temperature,
+            query_length=a.query_length, seed=seed))
+        folder = self.work.folder / "train" / cache
+        model.save(str(folder))
+        return {"model": str(folder), "train": figures, "eval": eval_queries(model, self.colls, self.embs, cache)}
+
+    def _both(self, name: str, rows: list[dict], seed: int) -> dict:
+        model, figures = train_symmetric(self.args, self.work, name, rows, seed)
+        return {"model": model, "train": figures, "eval": eval_dense(model, self.colls, None, self.args.max_seq_length)}
+
+
+def _plain(rows: list[dict]) -> list[dict]:
+    """MiniLM has no instructions: every query is plain text."""
+    return [{**r, "query": ["", r["query"][1]]} for r in rows]
+
+
 def stage_finetune(args, work: Work, colls: dict) -> dict:
-    """(a), (b), (c) per seed, judged on the held-out claims; the best on SciFact (mean over seeds) is also
-    judged on Cranfield and Vaswani, every seed of it; then the curve over synthetic rows (first seed)."""
+    """(a), (b), (c) per seed, judged on the held-out claims, Cranfield and Vaswani; then the curve of held-out
+    nDCG@10 over synthetic rows used, every seed."""
     claims, claim_stats = claim_rows(args.claim_rows)
     synthetic = _read(work.folder / "synth.jsonl")
     crops = _read(work.folder / "crops.jsonl")
     sets = {"a_claims": claims, "b_claims_synthetic": claims + synthetic,
             "c_claims_synthetic_crops": claims + synthetic + crops}
-    out = {"data": {**claim_stats, "synthetic_rows": len(synthetic), "crop_rows": len(crops)}, "runs": {}, "curve": {}}
+    out = {"tower": args.tower, "data": {**claim_stats, "synthetic_rows": len(synthetic), "crop_rows": len(crops)},
+           "runs": {}, "curve": {}}
+    trainer = Trainer(args, work, colls)
     for seed in args.seeds:
         for name, rows in sets.items():
-            out["runs"][f"{name}/s{seed}"] = _trained(args, work, f"ft-{name}-s{seed}", name, rows, seed, colls)
-    summary = summarise(out, args.seeds)
-    best = max(summary, key=lambda k: summary[k]["scifact_heldout"]["mean"])
-    others = [c for c in colls if c != "scifact_heldout"]
-    for seed in args.seeds if others else []:
-        run = out["runs"][f"{best}/s{seed}"]
-        if not set(others) <= set(run["eval"]):
-            run["eval"].update(eval_dense(run["model"], colls, others, args.max_seq_length))
-            work.put(f"ft-{best}-s{seed}", run)
+            out["runs"][f"{name}/s{seed}"] = trainer(name, rows, seed)
     for n in args.curve:
         if 0 < n < len(synthetic):
-            used = random.Random(args.seeds[0]).sample(synthetic, n)
-            out["curve"][str(n)] = _trained(args, work, f"curve-{n}", f"curve{n}", claims + used, args.seeds[0],
-                                            colls)
+            for seed in args.seeds:
+                used = random.Random(seed).sample(synthetic, n)
+                out["curve"][f"{n}/s{seed}"] = trainer(f"curve{n}", claims + used, seed)
     return out
-
-
-def _trained(args, work: Work, cache: str, name: str, rows: list[dict], seed: int, colls: dict) -> dict:
-    """Train (or reuse) one model and judge it on the held-out claims."""
-    cached = work.get(cache)
-    if cached is None:
-        log(f"finetune {cache}: {len(rows)} rows")
-        model, figures = train(args, work, name, rows, seed)
-        cached = {"model": model, "train": figures,
-                  "eval": eval_dense(model, colls, ["scifact_heldout"], args.max_seq_length)}
-        work.put(cache, cached)
-    return cached
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -295,12 +370,12 @@ def goals(base: dict, summary: dict, synth: dict | None) -> dict:
 def write_results(args, work: Work, t0: float, load_start) -> dict:
     from tessera.config import atomic_write_text
 
-    synth, base, ft = work.get("synth"), work.get("baselines"), work.get("finetune")
+    synth, base, ft = work.get("synth"), work.get(stage_key("baselines", args)), work.get(stage_key("finetune", args))
     summary = summarise(ft, args.seeds) if ft else {}
     partial = [why for why, missing in (
         (f"seeds {args.seeds} of the three (0, 1, 2): rerun with --seeds 0,1,2 to add the others", len(args.seeds) < 3),
         ("synthesis stopped at its time budget: rerun to continue", bool(synth) and not synth.get("complete")),
-        ("no curve points: rerun with --curve 250,500", not args.curve)) if missing]
+        ("no curve points: rerun with --curve 250,500,1000", not args.curve)) if missing]
     res = {"benchmark": "reasonir", "quick": args.quick, "partial_run": partial,
            "config": {k: v for k, v in vars(args).items() if k not in ("out", "fresh", "work")},
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_start": load_start,
@@ -314,20 +389,52 @@ def write_results(args, work: Work, t0: float, load_start) -> dict:
                                                                       - base["bm25"]["scifact_heldout"]["ndcg@10"]), 2)}
            if base else {},
            "finetune": ft, "ndcg@10_mean_over_seeds": summary,
-           "curve_ndcg@10_scifact_heldout": _curve(ft) if ft else {},
+           "curve_ndcg@10_scifact_heldout": _curve(ft, args.seeds) if ft else {},
+           "saved_retriever": save_best(args, ft, summary) if ft else None,
            "goals": goals(base, summary, synth) if base else {}}
     atomic_write_text(Path(args.out), json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     log(f"wrote {args.out}")
     return res
 
 
-def _curve(ft: dict) -> dict:
-    """Held-out nDCG@10 (first seed) against synthetic rows used: 0 is (a), "all" is (b)."""
-    first = lambda name: next((v for k, v in ft["runs"].items() if k.startswith(name + "/")), None)  # noqa: E731
-    points = {"0": first("a_claims")}
-    points.update(ft.get("curve", {}))
-    points["all"] = first("b_claims_synthetic")
-    return {k: v["eval"]["scifact_heldout"]["ndcg@10"] for k, v in points.items() if v}
+def _curve(ft: dict, seeds: list[int]) -> dict:
+    """Held-out nDCG@10 (mean over seeds) against synthetic rows used: 0 is (a), "all" is (b)."""
+    points = {"0": [ft["runs"].get(f"a_claims/s{s}") for s in seeds]}
+    for key in sorted({k.split("/")[0] for k in ft.get("curve", {})}, key=int):
+        points[key] = [ft["curve"].get(f"{key}/s{s}") for s in seeds]
+    points["all"] = [ft["runs"].get(f"b_claims_synthetic/s{s}") for s in seeds]
+    return {k: _mean_std([r["eval"]["scifact_heldout"]["ndcg@10"] for r in runs if r])
+            for k, runs in points.items() if any(runs)}
+
+
+def save_best(args, ft: dict, summary: dict) -> dict | None:
+    """Copy the best configuration's first-seed model to ``$TESSERA_HOME/bench/retrieval/``."""
+    from tessera.hub import tessera_home
+
+    if not summary:
+        return None
+    best = max(summary, key=lambda k: summary[k]["scifact_heldout"]["mean"])
+    run = ft["runs"].get(f"{best}/s{args.seeds[0]}")
+    if not run or not Path(run["model"]).is_dir():
+        return None
+    dest = tessera_home() / "bench" / "retrieval" / f"minilm-reasonir-{args.tower}{'-quick' if args.quick else ''}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(run["model"], dest)
+    cmd = (f"python benchmarks/reasonir.py --tower {args.tower} --seeds {args.seeds[0]} --max-seq-length "
+           f"{args.max_seq_length} --epochs {args.epochs} --lr {args.lr}")
+    log(f"best retriever ({best}, seed {args.seeds[0]}) saved to {dest}; rebuild: {cmd}")
+    return {"config": best, "seed": args.seeds[0], "folder": str(dest), "rebuild": cmd,
+            "use": f"tessera ask --retriever dense --encoder {dest} ..."}
+
+
+def stage_key(stage: str, args) -> str:
+    """Cached stage results: evaluation depends on the document length, fine-tuning also on the tower."""
+    if stage == "baselines":
+        return f"baselines-L{args.max_seq_length}"
+    if stage == "finetune":
+        return f"finetune-{args.tower}-L{args.max_seq_length}"
+    return stage
 
 
 def parse_args(argv=None):
@@ -339,13 +446,16 @@ def parse_args(argv=None):
     ap.add_argument("--filter-top-k", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8, help="generator batch size")
     ap.add_argument("--crop-rows", type=int, default=500)
-    ap.add_argument("--max-seq-length", type=int, default=128, help="tokens per text in training and encoding "
-                    "(all-MiniLM-L6-v2 was trained at 128)")
+    ap.add_argument("--tower", choices=("query", "both"), default="query",
+                    help="query: train the query encoder against the frozen base document encoder (the index stays "
+                    "valid, a corpus is encoded once); both: fine-tune the whole model (every judgement re-encodes)")
+    ap.add_argument("--max-seq-length", type=int, default=256, help="document tokens (all-MiniLM-L6-v2's own setting)")
+    ap.add_argument("--query-length", type=int, default=64, help="query tokens (--tower query)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--curve", default="250,500")
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--curve", default="250,500,1000", help="synthetic rows used, on top of the claims")
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--temperature", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0, help="document sample and crop sample")
     ap.add_argument("--claim-rows", type=int, default=0, help="use only this many training claims (0 = all; --quick: 64)")
@@ -381,7 +491,7 @@ def main(argv=None) -> dict:
     for stage in [s for s in args.stages.split(",") if s]:
         if stage not in STAGES:
             raise SystemExit(f"unknown stage {stage}; use {', '.join(STAGES)}")
-        cached = work.get(stage)
+        cached = work.get(stage_key(stage, args))
         if cached is not None and (stage != "synth" or cached.get("complete")):
             log(f"{stage}: cached")
             continue
@@ -391,7 +501,7 @@ def main(argv=None) -> dict:
         res = {"synth": lambda: stage_synth(args, work), "pairs": lambda: stage_pairs(args, work),
                "baselines": lambda: stage_baselines(args, work, colls),
                "finetune": lambda: stage_finetune(args, work, colls)}[stage]()
-        work.put(stage, res)
+        work.put(stage_key(stage, args), res)
     return write_results(args, work, t0, load_start)
 
 

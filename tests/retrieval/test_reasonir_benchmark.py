@@ -49,3 +49,14 @@ def test_goals_from_seed_means():
     assert g["finetuned_minus_bm25_scifact"]["measured"] == -2.0 and not g["finetuned_minus_bm25_scifact"]["met"]
     assert g["cranfield_vaswani_loss_points"]["measured"] == 0.5 and g["cranfield_vaswani_loss_points"]["met"]
     assert g["llm_retriever_minus_bm25_scifact"]["measured"] is None and not g["llm_retriever_minus_bm25_scifact"]["met"]
+
+
+def test_curve_is_the_mean_over_seeds_from_claims_only_to_all_rows():
+    B = _bench()
+    ft = {"runs": {"a_claims/s0": _run(0.60), "a_claims/s1": _run(0.62),
+                   "b_claims_synthetic/s0": _run(0.66), "b_claims_synthetic/s1": _run(0.64)},
+          "curve": {"500/s0": _run(0.64), "500/s1": _run(0.64), "1000/s0": _run(0.65), "250/s0": _run(0.61)}}
+    c = B._curve(ft, [0, 1])
+    assert list(c) == ["0", "250", "500", "1000", "all"]
+    assert c["0"]["mean"] == 0.61 and c["all"]["mean"] == 0.65 and c["500"]["std"] == 0.0
+    assert c["250"]["n"] == 1 and c["1000"]["n"] == 1

@@ -2,6 +2,11 @@
 
     tessera run retrieval-train data=train.jsonl backbone=default out=runs/my-retriever
     torchrun --nproc_per_node 2 -m tessera.cli run retrieval-train data=train.jsonl ...
+    tessera run retrieval-train data=train.jsonl query_only=true corpus=scifact   # keep the document index
+
+``query_only=true`` trains only the query encoder against the frozen document encoder
+(:mod:`tessera.retrieval.query_tower`): InfoNCE over every document of ``corpus`` (and the
+rows' own positives and negatives) at once; an index built with the backbone stays valid.
 
 Top to bottom: read ReasonIR-format rows -> build the retriever (bidirectional,
 mean-pooled, instruction-prefixed for decoders) -> optionally wrap it with LoRA ->
@@ -56,6 +61,10 @@ class Config:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     skip_bad: bool = False
+    # query-side fine-tuning: the document encoder stays the backbone
+    query_only: bool = False
+    corpus: str = ""  # query_only: candidate documents (a collection name or folder); "" = the rows' own texts
+    query_max_seq_length: int = 64
 
 
 def main(cfg: Config) -> Path:
@@ -75,12 +84,15 @@ def main(cfg: Config) -> Path:
     main_rank = T.is_main_process()
 
     # 1. data: ReasonIR rows -> (query, positive, negatives) examples, grouped by prompt
-    data = T.read_training_rows(cfg.data, n_negatives=cfg.train_group_size - 1, skip_bad=cfg.skip_bad)
+    n_negatives = 0 if cfg.query_only else cfg.train_group_size - 1  # query_only: every candidate is a negative
+    data = T.read_training_rows(cfg.data, n_negatives=n_negatives, skip_bad=cfg.skip_bad)
     _, kind = resolve_backbone(cfg.backbone)
     style = cfg.prompt_style or ("reasonir" if kind == "decoder" else "none")
     train_dataset, prompts = T.build_datasets(data.examples, style)
 
     # 2. the retriever
+    if cfg.query_only:
+        return _query_only(cfg, data, style)
     model = build_retriever(cfg.backbone, pooling=cfg.pooling, bidirectional=cfg.bidirectional, prompt_style=style,
                             instruction=cfg.instruction, matryoshka_dims=cfg.matryoshka_dims or None,
                             max_seq_length=cfg.max_seq_length)
@@ -128,6 +140,42 @@ def main(cfg: Config) -> Path:
         })
         ui.info(f"saved retriever to {out} (loss {stats['loss_first']} -> {stats['loss_last']} in {stats['steps']} steps)")
     return Path(cfg.dump_dir)
+
+
+def _query_only(cfg: Config, data, style: str) -> Path:
+    """Train the query tower on the rows against the frozen backbone's document embeddings; save the pair."""
+    from tessera import ui
+    from tessera.config import DumpDir
+    from tessera.data.jsonl import read_jsonl
+    from tessera.retrieval.encoder import build_retriever
+    from tessera.retrieval.query_tower import Candidates, QueryTowerSettings, train_query_tower
+    from tessera.retrieval.search import open_collection
+    from tessera.retrieval.train import parse_row
+
+    rows = [r for path in data.sources for r in read_jsonl(path, skip_bad=cfg.skip_bad) if _usable(r, parse_row)]
+    docs = open_collection(cfg.corpus).docs if cfg.corpus else []
+    base = build_retriever(cfg.backbone, pooling=cfg.pooling, bidirectional=cfg.bidirectional, prompt_style=style,
+                           instruction=cfg.instruction, max_seq_length=cfg.max_seq_length)
+    cands = Candidates.from_corpus(base, docs)
+    dump = DumpDir(cfg.dump_dir, cfg)
+    model, stats = train_query_tower(base, rows, cands, QueryTowerSettings(
+        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio,
+        temperature=cfg.temperature, query_length=cfg.query_max_seq_length, seed=cfg.seed), on_log=dump.log)
+    out = Path(cfg.out) if cfg.out else Path(cfg.dump_dir) / "model"
+    save_model(model, out)
+    dump.write_results({"model": str(out), "backbone": cfg.backbone, "query_only": True, "corpus": cfg.corpus,
+                        "skipped_rows": data.n_skipped, **stats})
+    ui.info(f"saved query tower + frozen document encoder to {out} "
+            f"(loss {stats['loss_first']} -> {stats['loss_last']} in {stats['steps']} steps)")
+    return Path(cfg.dump_dir)
+
+
+def _usable(row: dict, parse_row) -> bool:
+    try:
+        parse_row(row, 0)
+        return True
+    except ValueError:
+        return False
 
 
 def save_model(model, out: Path) -> None:

@@ -1,0 +1,187 @@
+"""Query-side fine-tuning: train the query encoder against a frozen document encoder.
+
+The document side stays the base model, so every index already built with it stays valid and a
+corpus is encoded once, however many query towers are trained against it.  A step encodes queries
+only (tens of tokens, not hundreds), and the loss is InfoNCE over *every* candidate document at once
+(the corpus plus the rows' own positives and negatives), not only over in-batch negatives:
+
+    loss = -log exp(q·d+ / τ) / Σ_{d ∈ candidates, d not another positive of q} exp(q·d / τ)
+
+with unit vectors and τ = 0.02 (ReasonIR's temperature).  A row's other positives and its source
+document (``doc_id``, which a cropped span or a synthetic query came from) are masked out of the
+denominator.  The result is one sentence-transformers folder with a ``Router``: ``encode_query``
+runs the trained tower, ``encode_document`` the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tessera.data.types import Document
+from tessera.errors import InputError
+from tessera.retrieval.dense_index import encode_corpus
+from tessera.retrieval.train import REASONIR_TEMPERATURE, parse_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QueryTowerSettings:
+    epochs: int = 2
+    steps: int = 0  # > 0: exactly this many steps (as many epochs as that takes), else ``epochs`` epochs
+    batch_size: int = 32
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    temperature: float = REASONIR_TEMPERATURE
+    query_length: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Candidates:
+    """The frozen document side: candidate texts, their embeddings and where each row's target sits."""
+
+    texts: list[str]
+    embeddings: np.ndarray
+    ids: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_corpus(cls, doc_model, docs: list[Document], batch_size: int = 64, embeddings: np.ndarray | None = None):
+        texts = [d.full_text for d in docs]
+        if embeddings is None and not texts:
+            embeddings = np.zeros((0, doc_model.get_embedding_dimension()), dtype=np.float32)
+        elif embeddings is None:
+            embeddings = encode_corpus(doc_model, texts, batch_size=batch_size, rank=0, world_size=1)
+        if len(embeddings) != len(texts):
+            raise InputError(f"{len(embeddings)} document embeddings for {len(texts)} documents; re-encode the corpus")
+        return cls(texts, np.asarray(embeddings, dtype=np.float32), {d.id: i for i, d in enumerate(docs)})
+
+    def extend(self, doc_model, texts: list[str], batch_size: int = 64) -> None:
+        """Add texts that are not candidates yet (positives of cropped pairs, say), encoded by the frozen side."""
+        known = set(self.texts)
+        new = list(dict.fromkeys(t for t in texts if t not in known))
+        if new:
+            embs = encode_corpus(doc_model, new, batch_size=batch_size, rank=0, world_size=1)
+            self.texts.extend(new)
+            self.embeddings = np.concatenate([self.embeddings, np.asarray(embs, dtype=np.float32)])
+
+
+@dataclass
+class _Target:
+    query: str
+    index: int
+    masked: tuple[int, ...]
+
+
+def _targets(rows: list[dict], cands: Candidates) -> list[_Target]:
+    """One target per (row, positive); the query's other positives and its source document are masked."""
+    where = {t: i for i, t in enumerate(cands.texts)}
+    groups: dict[str, set[int]] = {}
+    pending = []
+    for n, row in enumerate(rows, 1):
+        try:
+            examples = parse_row(row, 0)
+        except ValueError as e:
+            raise InputError(f"training row {n}: {e}") from None
+        source = cands.ids.get(str(_source_id(row)))
+        for ex in examples:
+            idx = where[ex.pos]
+            groups.setdefault(ex.query, set()).add(idx)
+            if source is not None:
+                groups[ex.query].add(source)
+            pending.append((ex.query, idx))
+    return [_Target(q, i, tuple(sorted(groups[q] - {i}))) for q, i in pending]
+
+
+def _source_id(row: dict):
+    """The document a row was written from: ``doc_id`` (``retrieval synth``) or ``source.doc_id`` (``retrieval pairs``)."""
+    src = row.get("source")
+    return row.get("doc_id", src.get("doc_id") if isinstance(src, dict) else None)
+
+
+def _row_texts(rows: list[dict]) -> list[str]:
+    out = []
+    for row in rows:
+        for key in ("pos", "neg"):
+            out.extend(v[1] if isinstance(v, (list, tuple)) else v for v in row.get(key) or [])
+    return out
+
+
+def _loss(model, batch: list[_Target], doc_matrix, temperature: float):
+    import torch
+    import torch.nn.functional as F
+
+    prompt = (getattr(model, "prompts", None) or {}).get("query") or None  # what encode_query prepends
+    feats = model.preprocess([t.query for t in batch], prompt=prompt)
+    feats = {k: v.to(doc_matrix.device) if hasattr(v, "to") else v for k, v in feats.items()}
+    q = F.normalize(model(feats)["sentence_embedding"], dim=-1)
+    scores = q @ doc_matrix.T / temperature
+    for r, t in enumerate(batch):
+        if t.masked:
+            scores[r, list(t.masked)] = float("-inf")
+    target = torch.tensor([t.index for t in batch], device=scores.device)
+    return F.cross_entropy(scores, target)
+
+
+def train_query_tower(base, rows: list[dict], cands: Candidates, settings: QueryTowerSettings | None = None,
+                      on_log=None):
+    """Fine-tune a copy of ``base`` (a SentenceTransformer) as the query tower; returns (router model, stats).
+
+    ``cands`` holds the frozen side's embeddings (:meth:`Candidates.from_corpus`); the rows' positives and
+    negatives that are not candidates yet are added first.
+    """
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    s = settings or QueryTowerSettings()
+    if not rows:
+        raise InputError("no training rows; pass a ReasonIR-format JSONL with query/pos rows")
+    cands.extend(base, _row_texts(rows))
+    targets = _targets(rows, cands)
+    torch.manual_seed(s.seed)
+    tower = copy.deepcopy(base)
+    tower.max_seq_length = s.query_length
+    tower.train()
+    doc_matrix = torch.from_numpy(cands.embeddings).to(tower.device)
+    steps_per_epoch = math.ceil(len(targets) / s.batch_size)
+    total = s.steps if s.steps > 0 else max(1, s.epochs * steps_per_epoch)
+    opt = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=s.lr)
+    sched = get_linear_schedule_with_warmup(opt, int(s.warmup_ratio * total), total)
+    gen = torch.Generator().manual_seed(s.seed)
+    losses, t0 = [], time.perf_counter()
+    for epoch in range(math.ceil(total / steps_per_epoch)):
+        order = torch.randperm(len(targets), generator=gen).tolist()
+        for b in range(0, len(order), s.batch_size):
+            if len(losses) == total:
+                break
+            loss = _loss(tower, [targets[i] for i in order[b:b + s.batch_size]], doc_matrix, s.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if on_log and len(losses) % max(1, total // 10) == 0:
+                on_log(step=len(losses), epoch=epoch, loss=round(losses[-1], 4))
+    tower.eval()
+    stats = {"rows": len(rows), "targets": len(targets), "candidates": len(cands.texts), "steps": len(losses),
+             "epochs": round(len(losses) / steps_per_epoch, 2), "train_s": round(time.perf_counter() - t0, 2),
+             "loss_first": round(float(np.mean(losses[:steps_per_epoch // 4 + 1])), 4),
+             "loss_last": round(float(np.mean(losses[-(steps_per_epoch // 4 + 1):])), 4)}
+    return asymmetric(tower, base), stats
+
+
+def asymmetric(query_model, document_model):
+    """One SentenceTransformer whose ``encode_query`` runs ``query_model`` and ``encode_document`` ``document_model``."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Router
+
+    router = Router.for_query_document(query_modules=list(query_model.children()),
+                                       document_modules=list(copy.deepcopy(document_model).children()))
+    return SentenceTransformer(modules=[router], device=str(query_model.device), prompts=dict(query_model.prompts or {}),
+                               default_prompt_name=query_model.default_prompt_name)

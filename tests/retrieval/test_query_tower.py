@@ -1,0 +1,109 @@
+"""Query-side fine-tuning against a frozen document encoder, on the embedded MiniLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tessera.data.types import Document
+from tessera.errors import InputError
+from tessera.retrieval.dense_index import encode_queries
+from tessera.retrieval.query_tower import Candidates, QueryTowerSettings, _targets, train_query_tower
+
+TOPICS = ["volcanoes erupt hot lava", "pianos have black and white keys", "rivers flow into the sea",
+          "bees make honey in hives", "trains run on steel rails", "stars shine in the night sky",
+          "bread is baked in ovens", "glaciers carve deep valleys", "owls hunt mice at dusk", "kites fly in the wind"]
+CODES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    from tessera.hub import load_encoder
+
+    return load_encoder("default-encoder", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return [Document(id=f"d{i}", text=f"{t}. More about how {t}.", title="") for i, t in enumerate(TOPICS)]
+
+
+@pytest.fixture(scope="module")
+def mapping():
+    return np.random.default_rng(0).permutation(len(TOPICS))  # code word i -> document mapping[i]: nothing to infer
+
+
+@pytest.fixture(scope="module")
+def trained(base, docs, mapping):
+    rows = [{"query": ["", f"code word {c}"], "pos": [["", docs[mapping[i]].full_text]]} for i, c in enumerate(CODES)]
+    cands = Candidates.from_corpus(base, docs)
+    model, stats = train_query_tower(base, rows, cands, QueryTowerSettings(epochs=12, batch_size=10, lr=2e-4))
+    return model, stats, cands
+
+
+def _mrr(model, cands, mapping):
+    q = encode_queries(model, [f"code word {c}" for c in CODES])
+    s = q @ cands.embeddings[: len(CODES)].T
+    return float(np.mean([1 / (1 + (s[i] > s[i, mapping[i]]).sum()) for i in range(len(CODES))]))
+
+
+def test_the_query_tower_learns_what_the_base_cannot(base, trained, mapping):
+    model, stats, cands = trained
+    before, after = _mrr(base, cands, mapping), _mrr(model, cands, mapping)
+    assert before < 0.6 and after > 0.9, (before, after)
+    assert stats["loss_last"] < stats["loss_first"] / 2
+    assert stats["steps"] == 12 and stats["candidates"] == len(TOPICS)
+
+
+def test_the_document_side_is_the_base_model(base, trained, docs):
+    model, _, _ = trained
+    texts = [d.full_text for d in docs[:3]]
+    assert np.allclose(model.encode_document(texts), base.encode_document(texts), atol=1e-6)
+    assert not np.allclose(model.encode_query(texts), base.encode_query(texts), atol=1e-3)
+
+
+def test_saved_folder_loads_with_sentence_transformers(trained, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    model, _, _ = trained
+    model.save(str(tmp_path / "qt"))
+    again = SentenceTransformer(str(tmp_path / "qt"), device="cpu")
+    for fn in ("encode_query", "encode_document"):
+        assert np.allclose(getattr(again, fn)(["code word alpha"]), getattr(model, fn)(["code word alpha"]), atol=1e-6)
+
+
+def test_other_positives_and_the_source_document_leave_the_denominator():
+    cands = Candidates(["A", "B", "C", "D"], np.zeros((4, 2), np.float32), {"a": 0, "b": 1, "c": 2, "d": 3})
+    rows = [{"query": "q1", "pos": [["", "A"], ["", "B"]]},  # two positives: each masks the other
+            {"query": "q2", "pos": ["C"], "source": {"doc_id": "d"}},  # a crop of d: d is not a negative
+            {"query": "q3", "pos": ["A"], "doc_id": "a"}]  # written from its own positive: nothing to mask
+    t = _targets(rows, cands)
+    assert [(x.query, x.index, x.masked) for x in t] == [("q1", 0, (1,)), ("q1", 1, (0,)), ("q2", 2, (3,)), ("q3", 0, ())]
+
+
+def test_bad_rows_say_which(base, docs):
+    cands = Candidates.from_corpus(base, docs[:2])
+    with pytest.raises(InputError, match="no training rows"):
+        train_query_tower(base, [], cands)
+    with pytest.raises(InputError, match="row 2"):
+        train_query_tower(base, [{"query": "q", "pos": ["x"]}, {"query": "q"}], cands)
+
+
+def test_recipe_query_only_keeps_the_document_side(base, docs, mapping, tmp_path):
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from tessera.recipes.retrieval_train import Config, main
+
+    rows = [{"query": ["", f"code word {c}"], "pos": [["", docs[mapping[i]].full_text]]} for i, c in enumerate(CODES)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # no negatives: query_only needs none
+    dump = main(Config(data=str(data), backbone="default-encoder", dump_dir=str(tmp_path / "run"), query_only=True,
+                       steps=3, batch_size=5, lr=1e-4))
+    res = json.loads((dump / "results.json").read_text())
+    assert res["query_only"] and res["steps"] == 3 and res["candidates"] == len(TOPICS)
+    model = SentenceTransformer(res["model"], device="cpu")
+    texts = [d.full_text for d in docs[:2]]
+    assert np.allclose(model.encode_document(texts), base.encode_document(texts), atol=1e-5)
+    assert not np.allclose(model.encode_query(["code word alpha"]), base.encode_query(["code word alpha"]), atol=1e-4)
