@@ -101,3 +101,19 @@ def test_new_tiny_llama_is_seeded_and_shaped(embedded_lm_dir):
         assert torch.equal(pa, pb), name
     out = a(torch.tensor([[tok.bos_token_id, 5, 6]])).logits
     assert out.shape == (1, 3, len(tok))
+
+
+def test_trained_retrievers_resolve_by_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path))
+    bench = tmp_path / "bench" / "retrieval" / "minilm-tuned"
+    hub.load_encoder("default-encoder", device="cpu").save(str(bench))
+    (tmp_path / "retrievers" / "not-a-model").mkdir(parents=True)  # no modules.json: not listed
+    assert hub.resolve_encoder("minilm-tuned") == str(bench)
+    assert hub.load_encoder("minilm-tuned", device="cpu").encode(["a cat"]).shape == (1, 384)
+    mine = tmp_path / "retrievers" / "minilm-tuned"  # $TESSERA_HOME/retrievers comes first
+    hub.load_encoder("default-encoder", device="cpu").save(str(mine))
+    assert hub.resolve_encoder("minilm-tuned") == str(mine)
+    rows = {r["spec"]: r for r in hub.list_models()}
+    assert rows["minilm-tuned"]["role"] == "trained retriever" and "not-a-model" not in rows
+    with pytest.raises(ModelNotFoundError):
+        hub.resolve_encoder("no-such-retriever")

@@ -67,7 +67,7 @@ def ask(
     lm_url: str = typer.Option(None, "--lm-url", help="OpenAI-compatible server (vLLM, llama.cpp) that serves --lm, e.g. http://127.0.0.1:8080/v1; --lm then names its local copy (tokenizer)."),
     k: int = typer.Option(3, "--k", "-k", help="Number of passages to retrieve."),
     retriever: str = typer.Option("bm25", "--retriever", "-r", help="bm25 | dense | hybrid (reciprocal-rank fusion of both)."),
-    encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid: 'default-encoder' (embedded all-MiniLM-L6-v2), a folder or a cached hub id."),
+    encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid: 'default-encoder' (embedded all-MiniLM-L6-v2), a trained retriever's name (tessera models), a folder or a cached hub id."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
     decode: str = typer.Option("greedy", "--decode", help="greedy (the LM alone) | nest (NEST: copy attributed spans from the sources)."),
     cite: bool = typer.Option(False, "--cite", help="SelfCite: cite the source sentences that support each statement of the answer."),

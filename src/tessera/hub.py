@@ -271,10 +271,27 @@ def load_tokenizer(folder: Path):
     return tokenizer
 
 
+def retriever_folders() -> list[Path]:
+    """Where trained retrievers are found by name: ``$TESSERA_HOME/retrievers`` and ``$TESSERA_HOME/bench/retrieval``
+    (where ``benchmarks/reasonir.py`` saves its best)."""
+    return [tessera_home() / "retrievers", tessera_home() / "bench" / "retrieval"]
+
+
+def named_retrievers() -> dict[str, Path]:
+    """Trained retrievers saved under :func:`retriever_folders`, by folder name (the first folder wins)."""
+    found: dict[str, Path] = {}
+    for folder in retriever_folders():
+        for d in sorted(folder.glob("*/modules.json")) if folder.is_dir() else []:
+            found.setdefault(d.parent.name, d.parent)
+    return found
+
+
 def resolve_encoder(spec: str) -> str:
     spec = (spec or "default-encoder").strip()
     if spec.lower() in ENCODER_ALIASES:
         return str(embedded_encoder_dir())
+    if "/" not in spec and spec in (named := named_retrievers()):
+        return str(named[spec])
     path = Path(spec).expanduser()
     if path.is_dir():
         if not ((path / "modules.json").is_file() or (path / "config.json").is_file()):
@@ -312,6 +329,8 @@ def list_models() -> list[dict]:
         rows.append({"spec": "default-encoder", "role": "text encoder", "model": "all-MiniLM-L6-v2", "source": str(embedded_encoder_dir()), "status": "ready"})
     except ModelNotFoundError as e:
         rows.append({"spec": "default-encoder", "role": "text encoder", "model": "all-MiniLM-L6-v2", "source": "-", "status": str(e)})
+    for name, folder in named_retrievers().items():
+        rows.append({"spec": name, "role": "trained retriever", "model": name, "source": str(folder), "status": "ready"})
     return rows
 
 

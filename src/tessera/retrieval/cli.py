@@ -95,7 +95,7 @@ def index_cmd(
     corpus: str = typer.Argument(..., help=f"{_COLLECTION_OPT}, 'python-docs', or a file/folder of .txt/.md/.jsonl documents."),
     out: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically if it is a tessera index)."),
     retriever: str = typer.Option("bm25", "--retriever", "-r", help="bm25 | dense | hybrid (hybrid builds both)."),
-    encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder spec for dense: 'default-encoder', a folder or a cached hub id."),
+    encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder spec for dense: 'default-encoder', a trained retriever's name (tessera models), a folder or a cached hub id."),
     batch_size: int = typer.Option(32, "--batch-size", help="Documents per encoder batch."),
     kind: str = typer.Option("auto", "--kind", help="Dense index: auto (exact up to 100k docs, HNSW above) | flat | hnsw | ivf."),
     split: str = typer.Option(None, "--split", help="Qrels split for BEIR/SciFact (only affects which queries are read)."),
