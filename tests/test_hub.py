@@ -115,5 +115,10 @@ def test_trained_retrievers_resolve_by_name(monkeypatch, tmp_path):
     assert hub.resolve_encoder("minilm-tuned") == str(mine)
     rows = {r["spec"]: r for r in hub.list_models()}
     assert rows["minilm-tuned"]["role"] == "trained retriever" and "not-a-model" not in rows
+    here = tmp_path / "cwd"
+    (here / "minilm-tuned").mkdir(parents=True)
+    (here / "minilm-tuned" / "config.json").write_text("{}")
+    monkeypatch.chdir(here)  # a folder of that name where the user stands wins over the name
+    assert hub.resolve_encoder("minilm-tuned") == "minilm-tuned"
     with pytest.raises(ModelNotFoundError):
         hub.resolve_encoder("no-such-retriever")

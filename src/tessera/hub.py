@@ -282,7 +282,8 @@ def named_retrievers() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for folder in retriever_folders():
         for d in sorted(folder.glob("*/modules.json")) if folder.is_dir() else []:
-            found.setdefault(d.parent.name, d.parent)
+            if d.parent.name.lower() not in ENCODER_ALIASES:
+                found.setdefault(d.parent.name, d.parent)
     return found
 
 
@@ -290,9 +291,9 @@ def resolve_encoder(spec: str) -> str:
     spec = (spec or "default-encoder").strip()
     if spec.lower() in ENCODER_ALIASES:
         return str(embedded_encoder_dir())
-    if "/" not in spec and spec in (named := named_retrievers()):
-        return str(named[spec])
     path = Path(spec).expanduser()
+    if not path.is_dir() and "/" not in spec and spec in (named := named_retrievers()):
+        return str(named[spec])  # a trained retriever's name; a folder of that name in the working directory wins
     if path.is_dir():
         if not ((path / "modules.json").is_file() or (path / "config.json").is_file()):
             raise ModelNotFoundError(f"{spec} is not a model folder (no modules.json or config.json); pass a sentence-transformers folder or 'default-encoder'")

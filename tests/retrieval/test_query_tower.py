@@ -8,7 +8,7 @@ import pytest
 from tessera.data.types import Document
 from tessera.errors import InputError
 from tessera.retrieval.dense_index import encode_queries
-from tessera.retrieval.query_tower import Candidates, QueryTowerSettings, _targets, train_query_tower
+from tessera.retrieval.query_tower import Candidates, QueryTowerSettings, _parse, _targets, train_query_tower
 
 TOPICS = ["volcanoes erupt hot lava", "pianos have black and white keys", "rivers flow into the sea",
           "bees make honey in hives", "trains run on steel rails", "stars shine in the night sky",
@@ -68,8 +68,12 @@ def test_saved_folder_loads_with_sentence_transformers(trained, tmp_path):
     model, _, _ = trained
     model.save(str(tmp_path / "qt"))
     again = SentenceTransformer(str(tmp_path / "qt"), device="cpu")
+    long = " ".join(TOPICS * 8)  # about 500 tokens: the 64-token query route and the 256-token document route differ
     for fn in ("encode_query", "encode_document"):
-        assert np.allclose(getattr(again, fn)(["code word alpha"]), getattr(model, fn)(["code word alpha"]), atol=1e-6)
+        for text in ("code word alpha", long):
+            assert np.allclose(getattr(again, fn)([text]), getattr(model, fn)([text]), atol=1e-6)
+    lengths = {name: mods[0].max_seq_length for name, mods in again[0].sub_modules.items()}
+    assert lengths == {"query": 64, "document": 256}
 
 
 def test_other_positives_and_the_source_document_leave_the_denominator():
@@ -77,16 +81,39 @@ def test_other_positives_and_the_source_document_leave_the_denominator():
     rows = [{"query": "q1", "pos": [["", "A"], ["", "B"]]},  # two positives: each masks the other
             {"query": "q2", "pos": ["C"], "source": {"doc_id": "d"}},  # a crop of d: d is not a negative
             {"query": "q3", "pos": ["A"], "doc_id": "a"}]  # written from its own positive: nothing to mask
-    t = _targets(rows, cands)
+    t = _targets(_parse(rows), cands)
     assert [(x.query, x.index, x.masked) for x in t] == [("q1", 0, (1,)), ("q1", 1, (0,)), ("q2", 2, (3,)), ("q3", 0, ())]
+
+
+def test_copies_of_a_text_and_crops_of_one_document_are_not_negatives():
+    cands = Candidates(["A", "B", "A", "D", "c1", "c2"], np.zeros((6, 2), np.float32), {"a": 0, "b": 1, "a2": 2, "d": 3})
+    rows = [{"query": "q1", "pos": ["A"]},  # "A" is also candidate 2
+            {"query": "q2", "pos": ["c1"], "source": {"doc_id": "d"}},  # two crops of d
+            {"query": "q3", "pos": ["c2"], "source": {"doc_id": "d"}}]
+    t = _targets(_parse(rows), cands)
+    assert [(x.index, x.masked) for x in t] == [(0, (2,)), (4, (3, 5)), (5, (3, 4))]
 
 
 def test_bad_rows_say_which(base, docs):
     cands = Candidates.from_corpus(base, docs[:2])
     with pytest.raises(InputError, match="no training rows"):
         train_query_tower(base, [], cands)
-    with pytest.raises(InputError, match="row 2"):
-        train_query_tower(base, [{"query": "q", "pos": ["x"]}, {"query": "q"}], cands)
+    for bad in ({"query": "q"}, {"query": "q", "pos": [["x"]]}, {"query": "q", "pos": ["x"], "neg": [1]}, "text"):
+        with pytest.raises(InputError, match="row 2"):
+            train_query_tower(base, [{"query": "q", "pos": ["x"]}, bad], cands)
+    assert len(cands.texts) == 2, "nothing is encoded before every row parses"
+
+
+def test_the_query_prompt_is_the_one_encode_query_uses(base):
+    from tessera.retrieval.query_tower import _query_prompt
+
+    class M:
+        prompts, default_prompt_name = {"query": "Query: ", "document": ""}, None
+
+    assert _query_prompt(M()) == "Query: "
+    M.prompts, M.default_prompt_name = {"search": "Search: "}, "search"
+    assert _query_prompt(M()) == "Search: "
+    assert _query_prompt(base) in (None, "")
 
 
 def test_recipe_query_only_keeps_the_document_side(base, docs, mapping, tmp_path):

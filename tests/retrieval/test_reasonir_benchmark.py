@@ -60,3 +60,13 @@ def test_curve_is_the_mean_over_seeds_from_claims_only_to_all_rows():
     assert list(c) == ["0", "250", "500", "1000", "all"]
     assert c["0"]["mean"] == 0.61 and c["all"]["mean"] == 0.65 and c["500"]["std"] == 0.0
     assert c["250"]["n"] == 1 and c["1000"]["n"] == 1
+
+
+def test_llm_goal_is_information_on_the_reduced_corpus():
+    B = _bench()
+    base = {"bm25": {"scifact_heldout": {"ndcg@10": 0.66}}, "minilm": {"scifact_heldout": {"ndcg@10": 0.64}}}
+    llm = {"corpus_docs": 1170, "bm25": {"ndcg@10": 0.75}, "minilm": {"ndcg@10": 0.73},
+           "smollm2_retriever": {"ndcg@10": 0.70}}
+    g = B.goals(base, {}, None, llm)["llm_retriever_minus_bm25_scifact"]
+    assert g["measured"] == -5.0 and not g["met"] and g["information"] and g["minilm_minus_bm25"] == -2.0
+    assert "1170 documents" in g["note"]

@@ -92,6 +92,8 @@ def main(cfg: Config) -> Path:
 
     # 2. the retriever
     if cfg.query_only:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError("query_only=true runs on one process (its steps are small); start it without torchrun")
         return _query_only(cfg, data, style)
     model = build_retriever(cfg.backbone, pooling=cfg.pooling, bidirectional=cfg.bidirectional, prompt_style=style,
                             instruction=cfg.instruction, matryoshka_dims=cfg.matryoshka_dims or None,

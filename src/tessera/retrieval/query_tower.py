@@ -79,24 +79,17 @@ class _Target:
     masked: tuple[int, ...]
 
 
-def _targets(rows: list[dict], cands: Candidates) -> list[_Target]:
-    """One target per (row, positive); the query's other positives and its source document are masked."""
-    where = {t: i for i, t in enumerate(cands.texts)}
-    groups: dict[str, set[int]] = {}
-    pending = []
+def _parse(rows: list[dict]) -> list[tuple[list, object]]:
+    """Each row's (query, positive, negatives) examples and its source document id; a bad row names itself."""
+    out = []
     for n, row in enumerate(rows, 1):
         try:
-            examples = parse_row(row, 0)
+            if not isinstance(row, dict):
+                raise ValueError("a row must be a JSON object")
+            out.append((parse_row(row, 0), _source_id(row)))
         except ValueError as e:
             raise InputError(f"training row {n}: {e}") from None
-        source = cands.ids.get(str(_source_id(row)))
-        for ex in examples:
-            idx = where[ex.pos]
-            groups.setdefault(ex.query, set()).add(idx)
-            if source is not None:
-                groups[ex.query].add(source)
-            pending.append((ex.query, idx))
-    return [_Target(q, i, tuple(sorted(groups[q] - {i}))) for q, i in pending]
+    return out
 
 
 def _source_id(row: dict):
@@ -105,20 +98,42 @@ def _source_id(row: dict):
     return row.get("doc_id", src.get("doc_id") if isinstance(src, dict) else None)
 
 
-def _row_texts(rows: list[dict]) -> list[str]:
-    out = []
-    for row in rows:
-        for key in ("pos", "neg"):
-            out.extend(v[1] if isinstance(v, (list, tuple)) else v for v in row.get(key) or [])
-    return out
+def _targets(parsed: list[tuple[list, object]], cands: Candidates) -> list[_Target]:
+    """One target per (row, positive).  Masked out of its denominator: the copies of its own text, the query's
+    other positives, the row's source document and every positive of rows written from that same document
+    (two crops of one paper are not negatives of each other)."""
+    where: dict[str, list[int]] = {}
+    for i, t in enumerate(cands.texts):
+        where.setdefault(t, []).append(i)
+    by_query: dict[str, set[int]] = {}
+    by_source: dict[int, set[int]] = {}
+    pending = []
+    for examples, source_id in parsed:
+        source = cands.ids.get(str(source_id)) if source_id is not None else None
+        source_set = set(where[cands.texts[source]]) if source is not None else set()
+        for ex in examples:
+            same = where[ex.pos]
+            by_query.setdefault(ex.query, set()).update(set(same) | source_set)
+            if source is not None:
+                by_source.setdefault(source, set()).update(set(same) | source_set)
+            pending.append((ex.query, same[0], source))
+    return [_Target(q, i, tuple(sorted((by_query[q] | by_source.get(src, set())) - {i}))) for q, i, src in pending]
+
+
+def _query_prompt(model) -> str | None:
+    """The prompt ``encode_query`` prepends: the "query" prompt, else the default prompt."""
+    prompts = getattr(model, "prompts", None) or {}
+    if "query" in prompts:
+        return prompts["query"] or None
+    name = getattr(model, "default_prompt_name", None)
+    return (prompts.get(name) or None) if name else None
 
 
 def _loss(model, batch: list[_Target], doc_matrix, temperature: float):
     import torch
     import torch.nn.functional as F
 
-    prompt = (getattr(model, "prompts", None) or {}).get("query") or None  # what encode_query prepends
-    feats = model.preprocess([t.query for t in batch], prompt=prompt)
+    feats = model.preprocess([t.query for t in batch], prompt=_query_prompt(model))
     feats = {k: v.to(doc_matrix.device) if hasattr(v, "to") else v for k, v in feats.items()}
     q = F.normalize(model(feats)["sentence_embedding"], dim=-1)
     scores = q @ doc_matrix.T / temperature
@@ -142,8 +157,9 @@ def train_query_tower(base, rows: list[dict], cands: Candidates, settings: Query
     s = settings or QueryTowerSettings()
     if not rows:
         raise InputError("no training rows; pass a ReasonIR-format JSONL with query/pos rows")
-    cands.extend(base, _row_texts(rows))
-    targets = _targets(rows, cands)
+    parsed = _parse(rows)
+    cands.extend(base, [t for examples, _ in parsed for ex in examples for t in (ex.pos, *ex.negs)])
+    targets = _targets(parsed, cands)
     torch.manual_seed(s.seed)
     tower = copy.deepcopy(base)
     tower.max_seq_length = s.query_length
@@ -169,10 +185,10 @@ def train_query_tower(base, rows: list[dict], cands: Candidates, settings: Query
             if on_log and len(losses) % max(1, total // 10) == 0:
                 on_log(step=len(losses), epoch=epoch, loss=round(losses[-1], 4))
     tower.eval()
+    window = max(1, len(losses) // 4)  # the mean of the first and the last quarter of the steps
     stats = {"rows": len(rows), "targets": len(targets), "candidates": len(cands.texts), "steps": len(losses),
              "epochs": round(len(losses) / steps_per_epoch, 2), "train_s": round(time.perf_counter() - t0, 2),
-             "loss_first": round(float(np.mean(losses[:steps_per_epoch // 4 + 1])), 4),
-             "loss_last": round(float(np.mean(losses[-(steps_per_epoch // 4 + 1):])), 4)}
+             "loss_first": round(float(np.mean(losses[:window])), 4), "loss_last": round(float(np.mean(losses[-window:])), 4)}
     return asymmetric(tower, base), stats
 
 
