@@ -42,7 +42,8 @@ from _common import package_versions  # noqa: E402
 
 STAGES = ("synth", "pairs", "baselines", "finetune")
 OPTIONAL_STAGES = ("llm",)  # run only when named: --stages llm
-CONFIGS = ("a_claims", "b_claims_synthetic", "c_claims_synthetic_crops")
+CONFIGS = ("a_claims", "b_claims_synthetic", "c_claims_synthetic_crops", "d_synthetic_then_claims")
+DEFAULT_CONFIGS = CONFIGS[:3]  # (d), a curriculum, runs when named: --configs a_claims,...,d_synthetic_then_claims
 
 
 def log(msg: str) -> None:
@@ -281,21 +282,26 @@ class Trainer:
         self.embs = doc_embeddings(args, work, colls) if args.tower == "query" else None
         self._base = None
 
-    def key(self, name: str, rows: list[dict], seed: int) -> str:
+    def key(self, name: str, rows: list[dict], seed: int, then: list[dict] | None = None) -> str:
         """The cache of one run: its rows (by id) and every training setting are in the name."""
-        ids = [r.get("id") or r["query"][1] for r in rows]
-        return f"ft-{self.args.tower}-{name}-s{seed}-{digest(train_settings(self.args), ids)}"
+        ids = [[r.get("id") or r["query"][1] for r in part] for part in ([rows, then] if then else [rows])]
+        return f"ft-{self.args.tower}-{name}-s{seed}-{digest(train_settings(self.args), *ids)}"
 
-    def __call__(self, name: str, rows: list[dict], seed: int) -> dict:
-        cache = self.key(name, rows, seed)
+    def __call__(self, name: str, rows: list[dict], seed: int, then: list[dict] | None = None) -> dict:
+        cache = self.key(name, rows, seed, then)
         cached = self.work.get(cache)
         if cached is None:
-            log(f"finetune {cache}: {len(rows)} rows")
-            cached = self._query(cache, rows, seed) if self.args.tower == "query" else self._both(name, rows, seed)
+            log(f"finetune {cache}: {len(rows)} rows" + (f", then {len(then)}" if then else ""))
+            if self.args.tower == "query":
+                cached = self._query(cache, rows, seed, then)
+            elif then:
+                raise SystemExit("a curriculum (then=...) needs --tower query")
+            else:
+                cached = self._both(name, rows, seed)
             self.work.put(cache, cached)
         return cached
 
-    def _query(self, cache: str, rows: list[dict], seed: int) -> dict:
+    def _query(self, cache: str, rows: list[dict], seed: int, then: list[dict] | None = None) -> dict:
         from tessera.retrieval.query_tower import Candidates, QueryTowerSettings, train_query_tower
 
         a = self.args
@@ -304,7 +310,7 @@ class Trainer:
         cands = Candidates.from_corpus(self._base, held.docs, embeddings=self.embs["scifact_heldout"])
         model, figures = train_query_tower(self._base, _plain(rows), cands, QueryTowerSettings(
             epochs=a.epochs, batch_size=a.train_batch, lr=a.lr, temperature=a.temperature,
-            query_length=a.query_length, seed=seed))
+            query_length=a.query_length, seed=seed), then=_plain(then) if then else None)
         folder = self.work.folder / "train" / cache
         model.save(str(folder))
         return {"model": str(folder), "train": figures, "eval": eval_queries(model, self.colls, self.embs, cache)}
@@ -320,19 +326,21 @@ def _plain(rows: list[dict]) -> list[dict]:
 
 
 def stage_finetune(args, work: Work, colls: dict) -> dict:
-    """(a), (b), (c) per seed, judged on the held-out claims, Cranfield and Vaswani; then the curve of held-out
-    nDCG@10 over synthetic rows used, every seed."""
+    """(a), (b), (c) (and (d), the synthetic rows first and then the claims, when named) per seed, judged on the
+    held-out claims, Cranfield and Vaswani; then the curve of held-out nDCG@10 over synthetic rows used."""
     claims, claim_stats = claim_rows(args.claim_rows)
     synthetic = _read(work.folder / "synth.jsonl")
     crops = _read(work.folder / "crops.jsonl")
-    sets = {"a_claims": claims, "b_claims_synthetic": claims + synthetic,
-            "c_claims_synthetic_crops": claims + synthetic + crops}
+    sets = {"a_claims": (claims, None), "b_claims_synthetic": (claims + synthetic, None),
+            "c_claims_synthetic_crops": (claims + synthetic + crops, None),
+            "d_synthetic_then_claims": (synthetic, claims)}
     out = {"tower": args.tower, "data": {**claim_stats, "synthetic_rows": len(synthetic), "crop_rows": len(crops)},
            "runs": {}, "curve": {}}
     trainer = Trainer(args, work, colls)
     for seed in args.seeds:
-        for name, rows in sets.items():
-            out["runs"][f"{name}/s{seed}"] = trainer(name, rows, seed)
+        for name in args.configs:
+            rows, then = sets[name]
+            out["runs"][f"{name}/s{seed}"] = trainer(name, rows, seed, then)
     for n in args.curve:
         if 0 < n < len(synthetic):
             for seed in args.seeds:
@@ -414,11 +422,21 @@ def goals(base: dict, summary: dict, synth: dict | None, llm: dict | None = None
               for c in ("cranfield", "vaswani") if best and c in summary[best]]
     return {
         "synthetic_rows": goal(1000, kept, lambda m: m >= 1000),
-        "reasonir_synthetic_gain_points": goal(2, gain, lambda m: m >= 2),
+        "reasonir_synthetic_gain_points": goal(2, gain, lambda m: m >= 2, **_best_synthetic(summary, a)),
         "finetuned_minus_bm25_scifact": goal(0, vs_bm25, lambda m: m >= 0, best_config=best),
         "cranfield_vaswani_loss_points": goal(0.5, max(losses) if losses else None, lambda m: m <= 0.5, best_config=best),
         "llm_retriever_minus_bm25_scifact": _llm_goal(goal, llm),
     }
+
+
+def _best_synthetic(summary: dict, a: dict | None) -> dict:
+    """Information beside (b) - (a): the best configuration that uses synthetic rows, and its gain over (a)."""
+    sf = "scifact_heldout"
+    with_synth = {k: v for k, v in summary.items() if k != "a_claims" and sf in v}
+    if not a or not with_synth:
+        return {}
+    best = max(with_synth, key=lambda k: with_synth[k][sf]["mean"])
+    return {"best_with_synthetic": best, "best_with_synthetic_gain": round(100 * (with_synth[best][sf]["mean"] - a["mean"]), 2)}
 
 
 def _llm_goal(goal, llm: dict | None) -> dict:
@@ -512,7 +530,7 @@ def stage_key(stage: str, args, work: Work | None = None) -> str:
         return f"baselines-L{args.max_seq_length}"
     if stage == "finetune":
         n_synth = len(_read(work.folder / "synth.jsonl")) if work else 0
-        return f"finetune-{digest(train_settings(args), args.seeds, args.curve, args.claim_rows, n_synth)}"
+        return f"finetune-{digest(train_settings(args), args.configs, args.seeds, args.curve, args.claim_rows, n_synth)}"
     if stage == "llm":
         return f"llm-{args.llm_steps}x{args.llm_batch}-L{args.llm_length}"
     return stage
@@ -533,6 +551,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-seq-length", type=int, default=256, help="document tokens (all-MiniLM-L6-v2's own setting)")
     ap.add_argument("--query-length", type=int, default=64, help="query tokens (--tower query)")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"of {', '.join(CONFIGS)}")
     ap.add_argument("--curve", default="250,500,1000", help="synthetic rows used, on top of the claims")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-batch", type=int, default=32)
@@ -554,6 +573,9 @@ def parse_args(argv=None):
         if args.out == ap.get_default("out"):
             args.out = ""  # a quick run's JSON stays in its work folder, not among the recorded results
     args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    args.configs = [c.strip() for c in str(args.configs).split(",") if c.strip()]
+    if unknown := [c for c in args.configs if c not in CONFIGS]:
+        ap.error(f"unknown configuration {', '.join(unknown)}; use {', '.join(CONFIGS)}")
     args.curve = [int(s) for s in str(args.curve).split(",") if s.strip()]
     return args
 

@@ -134,3 +134,14 @@ def test_recipe_query_only_keeps_the_document_side(base, docs, mapping, tmp_path
     texts = [d.full_text for d in docs[:2]]
     assert np.allclose(model.encode_document(texts), base.encode_document(texts), atol=1e-5)
     assert not np.allclose(model.encode_query(["code word alpha"]), base.encode_query(["code word alpha"]), atol=1e-4)
+
+
+def test_a_curriculum_ends_on_its_second_pass(base, docs, mapping):
+    first = [{"query": ["", f"code word {c}"], "pos": [["", docs[mapping[i]].full_text]]} for i, c in enumerate(CODES)]
+    shifted = np.roll(mapping, 1)
+    second = [{"query": ["", f"code word {c}"], "pos": [["", docs[shifted[i]].full_text]]} for i, c in enumerate(CODES)]
+    cands = Candidates.from_corpus(base, docs)
+    model, stats = train_query_tower(base, first, cands, QueryTowerSettings(epochs=12, batch_size=10, lr=2e-4),
+                                     then=second)
+    assert [p["steps"] for p in stats["passes"]] == [12, 12] and stats["steps"] == 24
+    assert _mrr(model, cands, shifted) > 0.9 and _mrr(model, cands, mapping) < 0.5

@@ -45,6 +45,8 @@ def test_goals_from_seed_means():
     assert set(g) == GOALS and all({"target", "measured", "met"} <= set(v) for v in g.values())
     assert g["synthetic_rows"] == {"target": 1000, "measured": 1200, "met": True}
     assert g["reasonir_synthetic_gain_points"]["measured"] == 3.0 and g["reasonir_synthetic_gain_points"]["met"]
+    assert g["reasonir_synthetic_gain_points"]["best_with_synthetic"] == "b_claims_synthetic"
+    assert g["reasonir_synthetic_gain_points"]["best_with_synthetic_gain"] == 3.0
     assert g["finetuned_minus_bm25_scifact"]["best_config"] == "b_claims_synthetic"
     assert g["finetuned_minus_bm25_scifact"]["measured"] == -2.0 and not g["finetuned_minus_bm25_scifact"]["met"]
     assert g["cranfield_vaswani_loss_points"]["measured"] == 0.5 and g["cranfield_vaswani_loss_points"]["met"]

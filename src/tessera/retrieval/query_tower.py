@@ -145,32 +145,54 @@ def _loss(model, batch: list[_Target], doc_matrix, temperature: float):
 
 
 def train_query_tower(base, rows: list[dict], cands: Candidates, settings: QueryTowerSettings | None = None,
-                      on_log=None):
+                      on_log=None, then: list[dict] | None = None):
     """Fine-tune a copy of ``base`` (a SentenceTransformer) as the query tower; returns (router model, stats).
 
     ``cands`` holds the frozen side's embeddings (:meth:`Candidates.from_corpus`); the rows' positives and
-    negatives that are not candidates yet are added first.
+    negatives that are not candidates yet are added first.  ``then``: rows trained in a second pass after
+    ``rows`` (a curriculum: synthetic rows first, then the task's own), with the same settings.
     """
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     s = settings or QueryTowerSettings()
     if not rows:
         raise InputError("no training rows; pass a ReasonIR-format JSONL with query/pos rows")
-    parsed = _parse(rows)
-    cands.extend(base, [t for examples, _ in parsed for ex in examples for t in (ex.pos, *ex.negs)])
-    targets = _targets(parsed, cands)
+    passes = [_parse(r) for r in ([rows, then] if then else [rows])]
+    cands.extend(base, [t for parsed in passes for examples, _ in parsed for ex in examples for t in (ex.pos, *ex.negs)])
     torch.manual_seed(s.seed)
     tower = copy.deepcopy(base)
     tower.max_seq_length = s.query_length
     tower.train()
     doc_matrix = torch.from_numpy(cands.embeddings).to(tower.device)
+    gen = torch.Generator().manual_seed(s.seed)
+    t0, runs = time.perf_counter(), []
+    for parsed in passes:
+        targets = _targets(parsed, cands)
+        losses, per_epoch = _fit(tower, targets, doc_matrix, s, gen, on_log)
+        window = max(1, len(losses) // 4)  # the mean of the first and the last quarter of the steps
+        runs.append({"rows": len(parsed), "targets": len(targets), "steps": len(losses),
+                     "epochs": round(len(losses) / per_epoch, 2),
+                     "loss_first": round(float(np.mean(losses[:window])), 4),
+                     "loss_last": round(float(np.mean(losses[-window:])), 4)})
+    tower.eval()
+    stats = {**runs[-1], "rows": sum(r["rows"] for r in runs), "targets": sum(r["targets"] for r in runs),
+             "steps": sum(r["steps"] for r in runs), "loss_first": runs[0]["loss_first"],
+             "candidates": len(cands.texts), "train_s": round(time.perf_counter() - t0, 2)}
+    if len(runs) > 1:
+        stats["passes"] = runs
+    return asymmetric(tower, base), stats
+
+
+def _fit(tower, targets: list[_Target], doc_matrix, s: QueryTowerSettings, gen, on_log) -> tuple[list[float], int]:
+    """AdamW with linear warm-up and decay over ``s.steps`` steps or ``s.epochs`` epochs of shuffled batches."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
     steps_per_epoch = math.ceil(len(targets) / s.batch_size)
     total = s.steps if s.steps > 0 else max(1, s.epochs * steps_per_epoch)
     opt = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=s.lr)
     sched = get_linear_schedule_with_warmup(opt, int(s.warmup_ratio * total), total)
-    gen = torch.Generator().manual_seed(s.seed)
-    losses, t0 = [], time.perf_counter()
+    losses = []
     for epoch in range(math.ceil(total / steps_per_epoch)):
         order = torch.randperm(len(targets), generator=gen).tolist()
         for b in range(0, len(order), s.batch_size):
@@ -184,12 +206,7 @@ def train_query_tower(base, rows: list[dict], cands: Candidates, settings: Query
             losses.append(float(loss.detach()))
             if on_log and len(losses) % max(1, total // 10) == 0:
                 on_log(step=len(losses), epoch=epoch, loss=round(losses[-1], 4))
-    tower.eval()
-    window = max(1, len(losses) // 4)  # the mean of the first and the last quarter of the steps
-    stats = {"rows": len(rows), "targets": len(targets), "candidates": len(cands.texts), "steps": len(losses),
-             "epochs": round(len(losses) / steps_per_epoch, 2), "train_s": round(time.perf_counter() - t0, 2),
-             "loss_first": round(float(np.mean(losses[:window])), 4), "loss_last": round(float(np.mean(losses[-window:])), 4)}
-    return asymmetric(tower, base), stats
+    return losses, steps_per_epoch
 
 
 def asymmetric(query_model, document_model):
