@@ -343,7 +343,7 @@ def stage_finetune(args, work: Work, colls: dict) -> dict:
             out["runs"][f"{name}/s{seed}"] = trainer(name, rows, seed, then)
     for n in args.curve:
         if 0 < n < len(synthetic):
-            for seed in args.seeds:
+            for seed in args.seeds[:args.curve_seeds]:
                 used = random.Random(seed).sample(synthetic, n)
                 out["curve"][f"{n}/s{seed}"] = trainer(f"curve{n}", claims + used, seed)
     return out
@@ -454,6 +454,11 @@ def write_results(args, work: Work, t0: float, load_start) -> dict:
 
     synth, base, ft = work.get("synth"), work.get(stage_key("baselines", args)), work.get(stage_key("finetune", args, work))
     llm = work.get(stage_key("llm", args))
+    invocations = (work.get("invocations") or []) + [{
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": args.stages, "configs": args.configs,
+        "seeds": args.seeds, "curve": args.curve, "curve_seeds": args.curve_seeds, "wall_s": round(time.perf_counter() - t0, 1),
+        "load_average_start": load_start, "load_average_end": os.getloadavg()}]
+    work.put("invocations", invocations)
     summary = summarise(ft, args.seeds) if ft else {}
     done = sorted({int(k.rsplit("/s", 1)[1]) for k in (ft or {}).get("runs", {})})
     partial = [why for why, missing in (
@@ -467,6 +472,7 @@ def write_results(args, work: Work, t0: float, load_start) -> dict:
            "versions": {"python": platform.python_version(),
                         **package_versions("tessera", "torch", "transformers", "sentence-transformers", "bm25s")},
            "wall_s": round(time.perf_counter() - t0, 1), "work_dir": str(work.folder),
+           "invocations": invocations,  # every run of the script that this folder's results come from
            "split": "SciFact train claims split by sha1('scifact-claim:' + id) % 5 == 0 -> held out (about 20%)",
            "synthesis": synth, "pairs": work.get("pairs"), "baselines": base,
            "gates": {"minilm_minus_bm25_scifact_points": round(100 * (base["minilm"]["scifact_heldout"]["ndcg@10"]
@@ -511,7 +517,7 @@ def save_best(args, ft: dict, summary: dict) -> dict | None:
            + (" --quick" if args.quick else ""))
     log(f"best retriever ({best}, seed {args.seeds[0]}) saved to {dest}; rebuild: {cmd}")
     return {"config": best, "seed": args.seeds[0], "folder": str(dest), "rebuild": cmd,
-            "use": f"tessera ask --retriever dense --encoder {dest} ..."}
+            "use": f"tessera ask --retriever dense --encoder {dest.name} ..."}
 
 
 def train_settings(args) -> dict:
@@ -530,7 +536,7 @@ def stage_key(stage: str, args, work: Work | None = None) -> str:
         return f"baselines-L{args.max_seq_length}"
     if stage == "finetune":
         n_synth = len(_read(work.folder / "synth.jsonl")) if work else 0
-        return f"finetune-{digest(train_settings(args), args.configs, args.seeds, args.curve, args.claim_rows, n_synth)}"
+        return (f"finetune-{digest(train_settings(args), args.configs, args.seeds, args.curve, args.curve_seeds, args.claim_rows, n_synth)}")
     if stage == "llm":
         return f"llm-{args.llm_steps}x{args.llm_batch}-L{args.llm_length}"
     return stage
@@ -553,6 +559,8 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"of {', '.join(CONFIGS)}")
     ap.add_argument("--curve", default="250,500,1000", help="synthetic rows used, on top of the claims")
+    ap.add_argument("--curve-seeds", type=int, default=1, help="how many of --seeds the curve runs (each point costs "
+                    "about a minute per seed)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-5)
