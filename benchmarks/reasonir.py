@@ -439,6 +439,14 @@ def _best_synthetic(summary: dict, a: dict | None) -> dict:
     return {"best_with_synthetic": best, "best_with_synthetic_gain": round(100 * (with_synth[best][sf]["mean"] - a["mean"]), 2)}
 
 
+def _previous_runs(out: Path) -> list:
+    """Earlier recorded runs kept in the results file (their figures and settings), carried over on a rewrite."""
+    try:
+        return json.loads(out.read_text()).get("previous_runs", [])
+    except (OSError, ValueError):
+        return []
+
+
 def _llm_goal(goal, llm: dict | None) -> dict:
     if not llm:
         return goal(0, None, lambda m: m >= 0, information=True,
@@ -482,6 +490,7 @@ def write_results(args, work: Work, t0: float, load_start) -> dict:
            "curve_ndcg@10_scifact_heldout": _curve(ft, args.seeds) if ft else {},
            "saved_retriever": save_best(args, ft, summary) if ft else None,
            "llm_retriever": llm,
+           "previous_runs": _previous_runs(Path(args.out)),
            "goals": goals(base, summary, synth, llm) if base else {}}
     atomic_write_text(Path(args.out), json.dumps(res, indent=2, ensure_ascii=False) + "\n")
     log(f"wrote {args.out}")
