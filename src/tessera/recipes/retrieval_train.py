@@ -88,13 +88,13 @@ def main(cfg: Config) -> Path:
     data = T.read_training_rows(cfg.data, n_negatives=n_negatives, skip_bad=cfg.skip_bad)
     _, kind = resolve_backbone(cfg.backbone)
     style = cfg.prompt_style or ("reasonir" if kind == "decoder" else "none")
-    train_dataset, prompts = T.build_datasets(data.examples, style)
-
-    # 2. the retriever
-    if cfg.query_only:
+    if cfg.query_only:  # its own loop over raw rows: no trainer datasets
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise InputError("query_only=true runs on one process (its steps are small); start it without torchrun")
         return _query_only(cfg, data, style)
+    train_dataset, prompts = T.build_datasets(data.examples, style)
+
+    # 2. the retriever
     model = build_retriever(cfg.backbone, pooling=cfg.pooling, bidirectional=cfg.bidirectional, prompt_style=style,
                             instruction=cfg.instruction, matryoshka_dims=cfg.matryoshka_dims or None,
                             max_seq_length=cfg.max_seq_length)
