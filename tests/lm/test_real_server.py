@@ -1,4 +1,5 @@
-"""A real OpenAI-compatible server: llama.cpp's own (``python -m llama_cpp.server``) on the embedded GGUF, and
+"""A real OpenAI-compatible server: llama.cpp's own (``python -m tessera.lm.llamacpp_server``: ``llama_cpp.server``
+loading the weights as tessera does) on the embedded GGUF, and
 tessera's ``--lm-url`` paths against it (``retrieval synth``, ``ask``, ``serve``).  The stub-server tests in
 test_openai_backend.py stay for fast runs; this module skips where llama-cpp-python[server] is not installed."""
 
@@ -39,7 +40,7 @@ def server_url(embedded_lm_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
     gguf = run_file(hub.embedded_lm_gguf())  # the file the local llama.cpp engine runs
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "tessera.lm.llamacpp_server", "--model", str(gguf), "--host", "127.0.0.1",
                                  "--port", str(port), "--n_ctx", "4096", "--n_threads", "2", "--n_threads_batch", "2",
                                  "--flash_attn", "true"],  # as tessera's engine runs it: the same numerics
                                 stdout=fh, stderr=subprocess.STDOUT)

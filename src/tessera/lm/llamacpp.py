@@ -25,7 +25,9 @@ SelfCite's constrained decoding and ablation passes, training) use the transform
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -98,6 +100,54 @@ def prefix_order(prompts: Sequence[Sequence[int]]) -> list[int]:
     return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
 
 
+_PARAMS_LOCK = threading.Lock()
+
+
+def amx_build() -> bool:
+    """Whether this llama.cpp build carries its AMX kernels (compiled with ``-march=native`` on a CPU with AMX)."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def extra_buffers() -> bool:
+    """Whether weights load into llama.cpp's extra CPU buffer types (AMX tiles, repacked layouts).
+
+    Off for builds with AMX kernels: there ``ggml_backend_amx_mul_mat`` crashes the process (SIGSEGV) on the first
+    prompt (llama-cpp-python 0.3.36 on a Xeon with AMX-INT8, both the Q8_0 and the Q4_1 file), and a crash cannot be
+    caught.  Plain CPU buffers run the same kernels as a build without AMX.  ``TESSERA_LLAMACPP_EXTRA_BUFTS=1``
+    forces them on, ``=0`` off."""
+    import os
+
+    forced = os.environ.get("TESSERA_LLAMACPP_EXTRA_BUFTS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not amx_build()
+
+
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool):
+    """``Llama(...)`` takes no ``use_extra_bufts``; set it on the defaults its constructor starts from."""
+    import llama_cpp
+
+    if use_extra_bufts:
+        yield
+        return
+    with _PARAMS_LOCK:
+        original = llama_cpp.llama_cpp.llama_model_default_params
+
+        def defaults():
+            p = original()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = original
+
+
 class LlamaCppEngine:
     """One llama.cpp context over a GGUF file (see the module docstring); not thread-safe."""
 
@@ -110,13 +160,18 @@ class LlamaCppEngine:
         self.path = Path(path)
         try:
             # flash attention: about 20% faster prompts of 500 tokens here, decoding unchanged
-            self.llm = Llama(model_path=str(path), n_ctx=int(n_ctx), n_batch=n_batch, n_ubatch=n_batch,
-                             n_threads=threads, n_threads_batch=threads, logits_all=False, flash_attn=True,
-                             verbose=False)
+            self.extra_buffers = extra_buffers()
+            with _model_params(self.extra_buffers):
+                self.llm = Llama(model_path=str(path), n_ctx=int(n_ctx), n_batch=n_batch, n_ubatch=n_batch,
+                                 n_threads=threads, n_threads_batch=threads, logits_all=False, flash_attn=True,
+                                 verbose=False)
         except ValueError as e:
             raise InputError(f"llama.cpp could not load {self.path.name} ({str(e)[:160]}); pass a GGUF language model") from None
         self.n_vocab = int(self.llm.n_vocab())
         self.threads = threads
+        # one caller at a time on this context (tessera serve answers several requests on worker threads;
+        # their streamed generations go through tessera.lm.batching on a context of their own)
+        self.lock = threading.RLock()
         # free the context while the interpreter still runs (Llama.__del__ at shutdown finds its modules gone)
         weakref.finalize(self, self.llm.close)
 
@@ -171,23 +226,30 @@ class LlamaCppEngine:
 
         ``repetition_penalty`` is llama.cpp's: over the last 64 tokens (transformers' covers the whole row)."""
         llm = self.llm
-        self._reuse(prompt, len(prompt) - 1)
-        llm.set_seed(int(seed))
-        gen = llm.generate(list(prompt), temp=float(temperature) if temperature > 0 else 0.0, top_p=float(top_p),
-                           top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=float(repetition_penalty))
-        try:
-            for i, token in enumerate(gen):
-                yield int(token)
-                if i + 1 >= max_new_tokens:
-                    return
-        finally:
-            gen.close()
+        with self.lock:
+            self._reuse(prompt, len(prompt) - 1)
+            llm.set_seed(int(seed))
+            gen = llm.generate(list(prompt), temp=float(temperature) if temperature > 0 else 0.0, top_p=float(top_p),
+                               top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=float(repetition_penalty))
+            try:
+                for i, token in enumerate(gen):
+                    yield int(token)
+                    if i + 1 >= max_new_tokens:
+                        return
+            finally:
+                gen.close()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: set[int], temperature: float,
                  top_p: float, seed: int, stop_when: Callable[[int, list[int]], bool] | None = None,
                  stop_check_every: int = 4, repetition_penalty: float = 1.0) -> list[tuple[list[int], str]]:
         """``[(new token ids without the stop token, "eos" | "stop_when" | "length")]`` in input order; row
         ``i`` samples with seed ``seed + i``."""
+        with self.lock:
+            return self._generate(prompts, max_new_tokens, stop_ids, temperature, top_p, seed, stop_when,
+                                  stop_check_every, repetition_penalty)
+
+    def _generate(self, prompts, max_new_tokens, stop_ids, temperature, top_p, seed, stop_when, stop_check_every,
+                  repetition_penalty) -> list[tuple[list[int], str]]:
         out: list = [None] * len(prompts)
         for i in prefix_order(prompts):
             new: list[int] = []
@@ -207,16 +269,24 @@ class LlamaCppEngine:
     def last_logprobs(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Next-token log-probabilities [B, V] after each prompt."""
         out = torch.empty(len(prompts), self.n_vocab)
+        with self.lock:
+            self._last_logprobs(prompts, out)
+        return out
+
+    def _last_logprobs(self, prompts, out: torch.Tensor) -> None:
         for i in prefix_order(prompts):
             p = list(prompts[i])
             n = self._reuse(p, len(p) - 1)
             logits = self._eval(p[n:], len(p) - 1 - n)
             out[i] = torch.log_softmax(torch.from_numpy(logits[-1]).float(), -1)
-        return out
 
     def score(self, rows: Sequence[tuple[Sequence[int], int]]) -> tuple[list[list[float]], dict]:
         """Log-probability of each of the last ``n`` tokens of every ``(ids, n)`` row, in input order, and
         the number of tokens evaluated (rows reuse the KV of their common prefix with the previous row)."""
+        with self.lock:
+            return self._score(rows)
+
+    def _score(self, rows: Sequence[tuple[Sequence[int], int]]) -> tuple[list[list[float]], dict]:
         out: list = [None] * len(rows)
         computed = 0
         for i in prefix_order([r for r, _ in rows]):

@@ -8,6 +8,7 @@ compares its speed with ``model.generate`` on the same prompt.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -178,6 +179,8 @@ class LocalLM:
         # greedy batch-1 decoding on the tessera engine checks up to this many prompt-lookup draft tokens per
         # pass (tessera.lm.engine.decode_lookup; the output is greedy decoding's); 0 turns it off
         self.lookup_tokens = 10
+        self.batcher = None  # a ContinuousBatcher (enable_batching): streamed generations share decoding steps
+        self._load_lock = threading.Lock()
 
     @classmethod
     def load(cls, spec: str = "default", device=None, engine: str | None = None, url: str | None = None) -> "LocalLM":
@@ -232,6 +235,12 @@ class LocalLM:
     @property
     def model(self):
         """The transformers model (loaded on first use when the LM runs on llama.cpp)."""
+        if self._model is not None:
+            return self._model
+        with self._load_lock:  # concurrent requests (tessera serve) load it once
+            return self._load_model()
+
+    def _load_model(self):
         if self._model is None:
             from tessera import hub, ui
 
@@ -244,6 +253,31 @@ class LocalLM:
     @model.setter
     def model(self, value) -> None:
         self._model = value
+
+    def enable_batching(self, max_batch: int) -> str:
+        """Let concurrent :meth:`stream` calls (from several threads) decode together, at most ``max_batch`` at a
+        time (:class:`tessera.lm.batching.ContinuousBatcher`).  Returns how streams run now: ``"batched"``
+        (llama.cpp engine), ``"concurrent"`` (an OpenAI-compatible server, which batches them itself) or
+        ``"serial"`` (``max_batch`` 1, or an engine without continuous batching: the caller runs one at a time)."""
+        if max_batch <= 1:
+            return "serial"
+        if self.engine == "openai":
+            return "concurrent"
+        if self.engine != "llamacpp":
+            return "serial"
+        if self.batcher is None or self.batcher.max_batch != max_batch:
+            from tessera.lm.batching import ContinuousBatcher
+
+            if self.batcher is not None:
+                self.batcher.close()
+            self.batcher = ContinuousBatcher(self._llama, max_batch)
+        return "batched"
+
+    def disable_batching(self) -> None:
+        """Stop the batcher (its running streams end with an error); :meth:`stream` runs one at a time again."""
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
 
     @property
     def device(self) -> torch.device:
@@ -370,6 +404,11 @@ class LocalLM:
         """Token ids one at a time (a stop token is yielded, then the stream ends)."""
         if engine == "llamacpp":
             seed = int(generator.initial_seed()) if generator is not None else 0
+            batcher = self.batcher
+            if batcher is not None and batcher.fits(input_ids.shape[1], max_new_tokens):
+                # continuous batching (tessera serve --max-batch): rows decode together
+                yield from batcher.stream(input_ids[0].tolist(), max_new_tokens, self.stop_ids, temperature, top_p, seed)
+                return
             for token in self._llama.tokens(input_ids[0].tolist(), max_new_tokens, temperature, top_p, seed):
                 yield token
                 if token in self.stop_ids:

@@ -15,6 +15,7 @@ def serve_command(
     lm_url: str = typer.Option(None, "--lm-url", help="OpenAI-compatible server (vLLM, llama.cpp) that serves --lm; answers stream from it, --lm names its local copy (tokenizer, citations)."),
     encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid retrieval; 'none' serves BM25 only."),
     prebuild_dense: bool = typer.Option(True, "--prebuild-dense/--lazy-dense", help="Build dense indexes in the background at start (else on first dense request)."),
+    max_batch: int = typer.Option(4, "--max-batch", help="Requests answered at once: their tokens decode together (continuous batching on the llama.cpp engine) or go together to --lm-url; 1 answers one at a time."),
     queue_size: int = typer.Option(8, "--queue-size", help="Requests that may wait for the model; more get 429 with Retry-After."),
     timeout: float = typer.Option(180.0, "--timeout", help="Seconds a request may take, queue wait included (504 past it)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Default answer length in tokens (requests may ask for up to --max-new-tokens-limit)."),
@@ -28,7 +29,7 @@ def serve_command(
     from tessera.serve.config import ServeConfig
 
     cfg = ServeConfig(host=host, port=port, lm=lm, engine=engine, lm_url=lm_url, corpora=list(corpus), encoder=None if encoder.lower() == "none" else encoder,
-                      prebuild_dense=prebuild_dense, queue_size=queue_size, request_timeout_s=timeout,
+                      prebuild_dense=prebuild_dense, max_batch=max_batch, queue_size=queue_size, request_timeout_s=timeout,
                       max_new_tokens=max_new_tokens, max_new_tokens_limit=max_new_tokens_limit,
                       max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_upload_files=max_upload_files,
                       max_uploaded_corpora=max_corpora)

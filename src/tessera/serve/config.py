@@ -18,7 +18,10 @@ class ServeConfig:
     - ``encoder``: sentence-transformers spec for ``dense``/``hybrid`` retrieval;
       ``None`` serves BM25 only.  ``prebuild_dense`` builds the dense indexes of the
       configured corpora (and uploads) as background jobs at start.
-    - ``queue_size``: requests that may wait behind the running one; more get 429.
+    - ``max_batch``: requests answered at once; their generations decode together on the llama.cpp
+      engine (continuous batching) or go together to ``lm_url``.  1 answers one at a time (also what
+      other local engines do).
+    - ``queue_size``: requests that may wait behind the running ones; more get 429.
     - ``request_timeout_s``: queue wait plus generation; past it a request ends with 504.
     - ``max_new_tokens``: default and ``max_new_tokens_limit`` cap of an answer's length.
     - ``max_k``: most passages a request may retrieve; ``max_question_chars``.
@@ -35,6 +38,7 @@ class ServeConfig:
     corpora: list[str] = field(default_factory=lambda: ["python-docs"])
     encoder: str | None = "default-encoder"
     prebuild_dense: bool = True
+    max_batch: int = 4
     queue_size: int = 8
     request_timeout_s: float = 180.0
     max_new_tokens: int = 128
@@ -55,7 +59,7 @@ class ServeConfig:
         for name in ("queue_size", "max_k", "max_upload_files", "max_uploaded_corpora"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "max_new_tokens_limit", "max_question_chars", "max_upload_bytes"):
+        for name in ("max_batch", "max_new_tokens", "max_new_tokens_limit", "max_question_chars", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0:

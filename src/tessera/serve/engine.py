@@ -1,7 +1,9 @@
-"""One model instance, one request at a time, a bounded queue; background jobs for indexing.
+"""One model instance, ``workers`` requests at a time, a bounded queue; background jobs for indexing.
 
-:class:`AskWorker` runs submitted work on a single thread (the model is not shared
-between threads).  At most ``queue_size`` requests wait behind the running one;
+:class:`AskWorker` runs submitted work on ``workers`` threads: one when the model answers one
+request at a time, ``--max-batch`` when its generations decode together
+(:class:`tessera.lm.batching.ContinuousBatcher`) or go to an OpenAI-compatible server.  At most
+``queue_size`` requests wait behind the running ones;
 :meth:`AskWorker.submit` raises :class:`QueueFull` (the API answers ``429`` with
 ``Retry-After``) beyond that.  Every task has a deadline covering its queue wait and
 its run: work still queued at its deadline is dropped, running work checks
@@ -54,7 +56,7 @@ class Cancelled(Exception):
     """The client went away; the work is abandoned."""
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the running tasks are a set
 class Task:
     fn: Callable[["Task"], object]
     deadline: float
@@ -69,31 +71,32 @@ class Task:
 
 
 class AskWorker:
-    """A single worker thread over a bounded FIFO queue (see the module docstring)."""
+    """``workers`` threads over a bounded FIFO queue (see the module docstring)."""
 
-    def __init__(self, queue_size: int, timeout_s: float, name: str = "tessera-ask"):
+    def __init__(self, queue_size: int, timeout_s: float, name: str = "tessera-ask", workers: int = 1):
         self.queue_size, self.timeout_s, self.name = queue_size, timeout_s, name
+        self.workers = max(1, int(workers))
         self._waiting: collections.deque[Task] = collections.deque()
-        self._running: Task | None = None
+        self._running: set[Task] = set()
         self._cond = threading.Condition()
         self._durations: collections.deque[float] = collections.deque(maxlen=16)
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self.completed = 0
         self.rejected = 0
 
     @property
     def capacity(self) -> int:
-        return self.queue_size + 1
+        return self.queue_size + self.workers
 
     def counts(self) -> tuple[int, int]:
         with self._cond:
-            return int(self._running is not None), len(self._waiting)
+            return len(self._running), len(self._waiting)
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: mean recent run time times the work ahead of it."""
+        """Seconds until a slot is likely free: mean recent run time times the work ahead of it, over the workers."""
         with self._cond:
-            ahead = len(self._waiting) + (self._running is not None)
+            ahead = len(self._waiting) + len(self._running)
             mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
         return max(1, min(int(self.timeout_s), math.ceil(mean * max(1, ahead) / max(1, self.capacity))))
 
@@ -102,7 +105,7 @@ class AskWorker:
         with self._cond:
             if self._closed:
                 raise ApiError(503, "shutting_down", "the server is shutting down; retry in a moment")
-            busy = (self._running is not None) + len(self._waiting)
+            busy = len(self._running) + len(self._waiting)
             if busy >= self.capacity:
                 self.rejected += 1
                 full = True
@@ -134,9 +137,11 @@ class AskWorker:
         return should_stop
 
     def _start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < self.workers:
+            t = threading.Thread(target=self._loop, name=f"{self.name}-{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+            t.start()
 
     def _loop(self) -> None:
         while True:
@@ -146,7 +151,7 @@ class AskWorker:
                 if self._closed and not self._waiting:
                     return
                 task = self._waiting.popleft()
-                self._running = task
+                self._running.add(task)
             task.started = time.monotonic()
             try:
                 if not task.future.set_running_or_notify_cancel():
@@ -159,7 +164,7 @@ class AskWorker:
                 task.future.set_result(result)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.discard(task)
                     self._durations.append(time.monotonic() - task.started)
                     self.completed += 1
 
@@ -168,11 +173,12 @@ class AskWorker:
             self._closed = True
             for task in self._waiting:
                 task.cancelled.set()
+            for task in self._running:
+                task.cancelled.set()
             self._cond.notify_all()
-        if self._running is not None:
-            self._running.cancelled.set()
-        if self._thread is not None:
-            self._thread.join(wait)
+        end = time.monotonic() + wait
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
 
 
 @dataclass

@@ -18,4 +18,5 @@ async def healthz(state: State) -> dict:
     running, waiting = worker.counts()
     return {"status": "ok", "version": __version__, "model": getattr(model, "name", str(config.lm)),
             "engine": getattr(model, "engine", ""), "encoder": config.encoder, "corpora": len(state.corpora.entries),
-            "queue": {"running": running, "waiting": waiting, "capacity": worker.capacity}}
+            "queue": {"running": running, "waiting": waiting, "capacity": worker.capacity},
+            "batching": state.batching_info()}

@@ -156,6 +156,14 @@ class QueueOut(BaseModel):
     capacity: int
 
 
+class BatchingOut(BaseModel):
+    mode: Literal["batched", "concurrent", "serial"]
+    max_batch: int
+    workers: int
+    decoding_rows: int | None = None
+    reason: str = ""
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     version: str
@@ -164,3 +172,4 @@ class Health(BaseModel):
     encoder: str | None
     corpora: int
     queue: QueueOut
+    batching: BatchingOut | None = None
