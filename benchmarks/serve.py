@@ -1,35 +1,34 @@
-"""Load benchmark of ``tessera serve``: bounded concurrent clients against the real server process.
+"""Load benchmark of ``tessera serve``: concurrent clients against the real server process, one request at a
+time (``--max-batch 1``) against continuous batching (``--max-batch 4``), then a soak.
 
-The server is started as ``tessera serve`` in a subprocess on 127.0.0.1 with the
-embedded defaults (SmolLM2-135M-Instruct, the Python docs corpus, BM25), its torch
-threads set with ``--threads`` (OMP_NUM_THREADS), ``--encoder none`` so no background
-dense-index build competes with the measured requests.  This process is the client:
-for each concurrency level (default 1, 4 and 16 clients) a fixed number of
-``POST /v1/ask`` requests (greedy, k=3, ``--max-new-tokens`` 16, questions rotated
-from a list) is sent by that many threads.  A client answered ``429`` waits the
-``Retry-After`` it was given (at most ``--max-retry-wait`` s) and retries the same
-request; each 429 is counted.  Any other non-200 answer is an error (the goal is zero).
+Each server is started as ``tessera serve`` in a subprocess on 127.0.0.1 with the embedded defaults
+(SmolLM2-135M-Instruct on llama.cpp, the Python docs corpus, BM25; ``--encoder none`` so no background
+dense-index build competes).  This process is the client: for each concurrency level (default 1, 4 and 16
+clients) a fixed number of ``POST /v1/ask`` requests (greedy, k=3, ``--max-new-tokens`` 64, questions rotated
+from a list) is sent by that many threads.  A client answered ``429`` waits the ``Retry-After`` it was given (at
+most ``--max-retry-wait`` s) and retries; each 429 is counted.  Any other non-200 answer is an error.
 
-Figures per level: completed requests, wall time, throughput (requests/s and new
-tokens/s), latency of the accepted attempt (queue wait included) p50/p95/p99/max,
-end-to-end latency including 429 retries, 429 count, other errors, the server's RSS
-(resident memory, sampled every 0.25 s with psutil) at start / peak / end, the
-server-reported queue wait and time inside ``ask``, and the HTTP overhead (client
-latency minus the server's own total).  Peer: the same requests answered in-process
-by ``tessera.ask.ask`` (no HTTP, no queue), sequentially, once before the server
-starts and once after it stops (load on a shared machine drifts; the two bracket the
-server run); reported as the ratio of server latency at concurrency 1 to in-process
-latency.
+Figures per level: completed requests, wall time, throughput (requests/s and new tokens/s), latency of the
+accepted attempt (queue wait included) p50/p95/p99/max, end-to-end latency including 429 retries, 429 count,
+other errors, the server's RSS, its queue wait and time inside ``ask``, the HTTP overhead.  The batch loop's
+counters (steps, mean decoding rows) come from ``/healthz``.  ``decode_profile``: one decoding step's time by
+rows in the batch and prompt tokens/s, in process: the ceiling of what batching can give on this CPU.
+Peer: the same asks answered in-process by ``tessera.ask.ask`` (no HTTP, no queue).
 
-Bounded: every level has a deadline (``--level-timeout``) and the whole run one
-(``--max-minutes``); the server is stopped at the end in every case.
+``--soak S``: S seconds (default 600) of mixed traffic at the batched setting (1-6 clients: JSON and SSE asks,
+streams dropped mid-answer, citations, health checks), resident memory and open file descriptors sampled every
+10 s.  ``--quick``: levels 1 and 4, a 60 s soak, no peer.
 
-Usage: python benchmarks/serve.py [--levels 1,4,16] [--requests 6,16,32] [--threads 1]
+Goals (``serve.json`` ``goals``): ``serve_4_clients_throughput_ratio`` >= 3, ``serve_p50_ratio_4_clients`` <= 1.5,
+``serve_16_clients_errors`` <= 0, ``soak_rss_growth_mb`` <= 50, ``soak_fd_growth`` <= 5.
+
+Usage: python benchmarks/serve.py [--quick] [--levels 1,4,16] [--requests 6,16,32] [--max-batches 1,4] [--soak 600]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -116,7 +115,7 @@ def run_level(base: str, concurrency: int, n_requests: int, body: dict, deadline
 
     lock = threading.Lock()
     tickets = list(range(n_requests))
-    ok, e2e, queue_s, new_tokens, errors, server_s, overhead = [], [], [], [], [], [], []
+    ok, e2e, queue_s, new_tokens, errors, server_s, overhead, prompt_tokens = [], [], [], [], [], [], [], []
     rejected = 0
     stop_at = time.monotonic() + deadline_s
 
@@ -156,6 +155,7 @@ def run_level(base: str, concurrency: int, n_requests: int, body: dict, deadline
                         e2e.append(time.monotonic() - first)
                         queue_s.append(out["timings"]["queue_s"])
                         new_tokens.append(out["new_tokens"])
+                        prompt_tokens.append(out["prompt_tokens"])
                     break
                 else:
                     with lock:
@@ -181,6 +181,7 @@ def run_level(base: str, concurrency: int, n_requests: int, body: dict, deadline
         "http_overhead_s": {"p50": r3(percentile(overhead, 50)), "max": r3(max(overhead)) if overhead else None},
         "rejected_429": rejected, "other_errors": len(errors), "error_samples": errors[:5],
         "mean_new_tokens": round(statistics.fmean(new_tokens), 2) if new_tokens else None,
+        "mean_prompt_tokens": round(statistics.fmean(prompt_tokens), 1) if prompt_tokens else None,
         "_t": (t0, t0 + wall),
     }
 
@@ -204,125 +205,293 @@ def in_process_peer(args, n: int) -> dict:
     return {"requests": n, "latency_s": {"p50": round(percentile(lat, 50), 3), "mean": round(statistics.fmean(lat), 3)}}
 
 
+class Server:
+    """``tessera serve`` in a subprocess (``--max-batch N``), up and warmed; stopped on exit."""
+
+    def __init__(self, args, max_batch: int):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "tessera.cli", "--quiet", "serve", "--host", "127.0.0.1", "--port",
+                    str(self.port), "--lm", args.lm, "--encoder", "none", "--queue-size", str(args.queue_size),
+                    "--max-new-tokens", str(args.max_new_tokens), "--timeout", str(args.request_timeout),
+                    "--max-batch", str(max_batch)]
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+                    "TESSERA_QUIET": "1"}
+        self.log = Path(tempfile.gettempdir()) / f"tessera-serve-bench-{os.getpid()}-{max_batch}.log"
+        self.args, self.proc, self.sampler = args, None, None
+
+    def __enter__(self):
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"error: the server exited ({self.proc.returncode}); see {self.log}")
+            try:
+                self.health = httpx.get(self.base + "/healthz", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() - t0 > 600:
+                    raise SystemExit("error: the server did not come up in 600 s") from None
+                time.sleep(0.5)
+        self.startup_s = round(time.monotonic() - t0, 2)
+        self.sampler = RssSampler(self.proc.pid).start()
+        return self
+
+    def healthz(self) -> dict:
+        import httpx
+
+        return httpx.get(self.base + "/healthz", timeout=10).json()
+
+    def __exit__(self, *exc):
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def run_server(args, max_batch: int, levels: list[int], counts: list[int], run_deadline: float) -> dict:
+    """The concurrency levels against one server started with ``--max-batch max_batch``."""
+    import httpx
+
+    body = {"k": args.k, "max_new_tokens": args.max_new_tokens, "decode": "greedy", "cite": False}
+    with Server(args, max_batch) as srv:
+        out = {"max_batch": max_batch, "server_command": " ".join(srv.cmd[1:]), "startup_s": srv.startup_s,
+               "health": srv.health, "levels": []}
+        warm = httpx.post(srv.base + "/v1/ask", json={**body, "question": QUESTIONS[0]}, timeout=args.request_timeout)
+        warm.raise_for_status()
+        out["warmup_s"] = round(warm.json()["timings"]["total_s"], 3)
+        for c, n in zip(levels, counts):
+            left = run_deadline - time.monotonic()
+            if left < 30:
+                out["levels"].append({"concurrency": c, "skipped": "run deadline (--max-minutes) reached"})
+                continue
+            print(f"--max-batch {max_batch}: {c} clients x {n} requests ...", flush=True)
+            res = run_level(srv.base, c, n, body, min(args.level_timeout, left), args.max_retry_wait)
+            t0, t1 = res.pop("_t")
+            res["server_rss"] = srv.sampler.window(t0, t1)
+            out["levels"].append(res)
+            print(json.dumps({k: res[k] for k in ("concurrency", "completed", "throughput_rps", "latency_s",
+                                                   "rejected_429", "other_errors")}), flush=True)
+        out["batching_after"] = srv.healthz().get("batching")
+        out["server_rss_overall"] = srv.sampler.window(0, time.monotonic())
+    return out
+
+
+def soak(args, max_batch: int, seconds: float) -> dict:
+    """Mixed traffic for ``seconds``: 1-6 clients asking (JSON and SSE, some streams dropped mid-answer, citations
+    now and then, k 0-3), health checks and corpus listings; resident memory and open file descriptors of the
+    server sampled every 10 s after every path has run once (the first citation loads the transformers model)."""
+    import random
+
+    import httpx
+    import psutil
+
+    rng = random.Random(0)
+    counts = collections.Counter()
+    samples: list[dict] = []
+    with Server(args, max_batch) as srv:
+        base = srv.base
+        warm = {"k": 2, "max_new_tokens": 16, "question": QUESTIONS[0]}
+        for extra in ({}, {"cite": True}, {"decode": "nest"}):  # every path once before the baseline
+            httpx.post(base + "/v1/ask", json={**warm, **extra}, timeout=args.request_timeout).raise_for_status()
+        stop = time.monotonic() + seconds
+        lock = threading.Lock()
+
+        proc = psutil.Process(srv.proc.pid)
+
+        def sample():
+            samples.append({"t_s": round(seconds - (stop - time.monotonic()), 1),
+                            "rss_mib": round(proc.memory_info().rss / 2**20, 1), "fds": proc.num_fds(),
+                            "threads": proc.num_threads()})
+
+        def client(cid: int):
+            r = random.Random(cid)
+            with httpx.Client(base_url=base, timeout=httpx.Timeout(args.request_timeout)) as c:
+                while time.monotonic() < stop:
+                    kind = r.choices(["ask", "stream", "drop", "cite", "health", "corpora"], [5, 3, 2, 1, 1, 1])[0]
+                    req = {"question": r.choice(QUESTIONS), "k": r.randint(0, 3), "max_new_tokens": r.choice([8, 16, 32, 64])}
+                    try:
+                        if kind in ("ask", "cite"):
+                            resp = c.post("/v1/ask", json={**req, "cite": kind == "cite", "k": max(1, req["k"]) if kind == "cite" else req["k"]})
+                            code = resp.status_code
+                        elif kind in ("stream", "drop"):
+                            with c.stream("POST", "/v1/ask/stream", json=req) as resp:
+                                code = resp.status_code
+                                for line in resp.iter_lines():
+                                    if kind == "drop" and line.startswith("event: token"):
+                                        break
+                        else:
+                            code = c.get("/healthz" if kind == "health" else "/v1/corpora").status_code
+                    except httpx.HTTPError as e:
+                        code = type(e).__name__
+                    with lock:
+                        counts[f"{kind}:{code}"] += 1
+                    if code == 429:
+                        time.sleep(1.0)
+
+        threads = []
+        sample()
+        next_sample = time.monotonic() + 10
+        while time.monotonic() < stop:
+            threads = [t for t in threads if t.is_alive()]
+            want = rng.randint(1, 6)
+            while len(threads) < want:
+                t = threading.Thread(target=client, args=(rng.randrange(10**6),), daemon=True)
+                t.start()
+                threads.append(t)
+            time.sleep(min(10.0, max(0.0, next_sample - time.monotonic())))
+            if time.monotonic() >= next_sample:
+                sample()
+                next_sample += 10
+        for t in threads:
+            t.join(args.request_timeout)
+        time.sleep(2)
+        sample()
+        batching = srv.healthz().get("batching")
+    first = [s for s in samples[:3]]
+    last = [s for s in samples[-3:]]
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    errors = {k: v for k, v in counts.items() if not k.endswith(":200") and not k.endswith(":429")}
+    return {"seconds": seconds, "max_batch": max_batch, "requests": dict(sorted(counts.items())), "errors": errors,
+            "samples": samples, "batching_after": batching,
+            "rss_growth_mib": round(med(last, "rss_mib") - med(first, "rss_mib"), 1),
+            "fd_growth": med(last, "fds") - med(first, "fds"),
+            "growth_rule": "median of the last 3 samples minus median of the first 3 (after every path ran once)"}
+
+
+def decode_profile(args) -> dict:
+    """Where batching's ceiling is: one decoding step's time by rows in the batch, and prompt tokens/s (in process)."""
+    from tessera.lm import LocalLM
+    from tessera.lm.batching import ContinuousBatcher
+
+    lm = LocalLM.load(args.lm)
+    if lm.engine != "llamacpp":
+        return {"skipped": f"the {lm.engine} engine has no continuous batching"}
+    prompt = lm.encode_chat([{"role": "user", "content": "Tell me a long story about a cat."}])[0].tolist()
+    out = {}
+    for rows in (1, 2, 4, 8):
+        b = ContinuousBatcher(lm._llama, rows)
+        list(b.stream(prompt, 4, ()))
+        t = time.perf_counter()
+        ths = [threading.Thread(target=lambda: list(b.stream(prompt, 64, ()))) for _ in range(rows)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        dt = time.perf_counter() - t
+        out[str(rows)] = {"step_ms": round(1000 * dt / 64, 2), "new_tokens_per_s": round(rows * 64 / dt, 1)}
+        b.close()
+    long = lm.tokenizer(" ".join(QUESTIONS * 40), add_special_tokens=False)["input_ids"][:700]
+    b = ContinuousBatcher(lm._llama, 1)
+    t = time.perf_counter()
+    list(b.stream(long, 1, ()))
+    out["prompt_tokens_per_s"] = round(len(long) / (time.perf_counter() - t), 1)
+    b.close()
+    out["speedup_4_rows"] = round(out["4"]["new_tokens_per_s"] / out["1"]["new_tokens_per_s"], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
     ap.add_argument("--requests", default="6,16,32", help="requests per level (one number or one per level)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
+    ap.add_argument("--max-batches", default="1,4", help="--max-batch of the servers compared (the first is the baseline)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads of the server (OMP_NUM_THREADS; llama.cpp takes torch's thread count)")
     ap.add_argument("--lm", default="default")
     ap.add_argument("--queue-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--level-timeout", type=float, default=600.0)
     ap.add_argument("--max-retry-wait", type=float, default=5.0)
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--peer-requests", type=int, default=6)
+    ap.add_argument("--soak", type=float, default=600.0, help="seconds of mixed traffic at the last --max-batches (0: none)")
+    ap.add_argument("--quick", action="store_true", help="levels 1,4, 4 and 8 requests, a 60 s soak, no peer")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args()
-    import httpx
-
+    if args.quick:
+        args.levels, args.requests, args.soak, args.peer_requests = "1,4", "4,8", 60.0, 0
+    wall0 = time.monotonic()
     levels = [int(x) for x in args.levels.split(",")]
     counts = [int(x) for x in args.requests.split(",")]
     counts = counts * len(levels) if len(counts) == 1 else counts
+    batches = [int(x) for x in args.max_batches.split(",")]
     if len(counts) != len(levels):
         sys.exit("error: --requests needs one number or one per level")
     run_deadline = time.monotonic() + args.max_minutes * 60
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "TESSERA_QUIET": "1"}
-    cmd = [sys.executable, "-m", "tessera.cli", "--quiet", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--lm", args.lm, "--encoder", "none", "--queue-size", str(args.queue_size),
-           "--max-new-tokens", str(args.max_new_tokens), "--timeout", str(args.request_timeout)]
     info = machine(args.threads)
-    peer_before = None
+    results: dict = {"benchmark": "serve", "machine": info, "config": {k: v for k, v in vars(args).items() if k != "out"}}
     if args.peer_requests > 0:
-        print("in-process peer (before the server) ...", flush=True)
-        peer_before = in_process_peer(args, args.peer_requests)
-    log_path = Path(tempfile.gettempdir()) / f"tessera-serve-bench-{os.getpid()}.log"  # the server's own output
-    server = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    results: dict = {"benchmark": "serve", "machine": info, "server_command": " ".join(cmd[1:]),
-                     "config": {k: v for k, v in vars(args).items() if k != "out"}, "levels": []}
-    sampler = None
-    try:
-        t_start = time.monotonic()
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"error: the server exited ({server.returncode}); see {log_path}")
-            try:
-                h = httpx.get(base + "/healthz", timeout=2).json()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() - t_start > 600:
-                    raise SystemExit("error: the server did not come up in 600 s") from None
-                time.sleep(0.5)
-        results["startup_s"] = round(time.monotonic() - t_start, 2)
-        results["health"] = h
-        sampler = RssSampler(server.pid).start()
-        body = {"k": args.k, "max_new_tokens": args.max_new_tokens, "decode": "greedy", "cite": False}
-        warm = httpx.post(base + "/v1/ask", json={**body, "question": QUESTIONS[0]}, timeout=args.request_timeout)
-        warm.raise_for_status()
-        results["warmup_s"] = round(warm.json()["timings"]["total_s"], 3)
-        for c, n in zip(levels, counts):
-            left = run_deadline - time.monotonic()
-            if left < 30:
-                results["levels"].append({"concurrency": c, "skipped": "run deadline (--max-minutes) reached"})
-                continue
-            print(f"level {c} clients x {n} requests ...", flush=True)
-            res = run_level(base, c, n, body, min(args.level_timeout, left), args.max_retry_wait)
-            t0, t1 = res.pop("_t")
-            res["server_rss"] = sampler.window(t0, t1)
-            results["levels"].append(res)
-            print(json.dumps(res), flush=True)
-        results["server_rss_overall"] = sampler.window(0, time.monotonic())
-    finally:
-        if sampler is not None:
-            sampler.stop()
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        print("in-process peer ...", flush=True)
+        results["peer_in_process"] = in_process_peer(args, args.peer_requests)
+    print("decode profile ...", flush=True)
+    results["decode_profile"] = decode_profile(args)
+    print(json.dumps(results["decode_profile"]), flush=True)
+    results["servers"] = [run_server(args, mb, levels, counts, run_deadline) for mb in batches]
+    if args.soak > 0:
+        left = run_deadline - time.monotonic() - 60
+        seconds = min(args.soak, left)
+        if seconds >= 60:
+            print(f"soak: {seconds:.0f} s of mixed traffic at --max-batch {batches[-1]} ...", flush=True)
+            results["soak"] = soak(args, batches[-1], seconds)
+            print(json.dumps({k: v for k, v in results["soak"].items() if k != "samples"}), flush=True)
+        else:
+            results["soak"] = {"skipped": "run deadline (--max-minutes) reached"}
 
-    if peer_before is not None:
-        results["peer_in_process"] = {"before_server": peer_before}
-        if time.monotonic() < run_deadline - 60:
-            print("in-process peer (after the server) ...", flush=True)
-            results["peer_in_process"]["after_server"] = in_process_peer(args, args.peer_requests)
-        runs = list(results["peer_in_process"].values())
-        results["peer_in_process"]["latency_p50_s"] = round(statistics.fmean(r["latency_s"]["p50"] for r in runs), 3)
-    done = [lv for lv in results["levels"] if "completed" in lv]
-    by_c = {lv["concurrency"]: lv for lv in done}
-    figures = {}
-    if 1 in by_c and "peer_in_process" in results:
-        figures["server_over_in_process_latency_p50"] = round(by_c[1]["latency_s"]["p50"] / results["peer_in_process"]["latency_p50_s"], 3)
-    if 1 in by_c:
-        figures["http_overhead_s_p50_at_1_client"] = by_c[1]["http_overhead_s"]["p50"]
-    if len(done) >= 2:
-        figures["throughput_ratio_max_over_min_concurrency"] = round(done[-1]["throughput_rps"] / done[0]["throughput_rps"], 3)
-    peak = max((lv["server_rss"]["peak_mib"] for lv in done), default=None)
-    start = done[0]["server_rss"]["start_mib"] if done else None
-    figures["rss_growth_mib"] = round(peak - start, 1) if done else None
-    results["figures"] = figures
-    results["machine"]["load_average_at_end"] = list(os.getloadavg())
-    results["goals"] = {
-        "all_levels_completed": {"met": all(lv.get("completed") == lv.get("requests") for lv in results["levels"])},
-        "zero_errors_other_than_429": {"met": all(lv.get("other_errors", 1) == 0 for lv in results["levels"]),
-                                       "errors": sum(lv.get("other_errors", 0) for lv in done)},
-        "queue_bounded_429_when_full": {
-            "met": any(lv["rejected_429"] > 0 for lv in done if lv["concurrency"] > args.queue_size + 1)
-            if any(lv["concurrency"] > args.queue_size + 1 for lv in done) else None,
-            "rejected_429": {lv["concurrency"]: lv["rejected_429"] for lv in done},
-            "note": f"capacity is 1 running + {args.queue_size} queued; more concurrent clients than that must see 429s"},
-        "memory_bounded": {"met": figures["rss_growth_mib"] is not None and figures["rss_growth_mib"] < 256,
-                           "rss_growth_mib": figures["rss_growth_mib"], "threshold_mib": 256},
+    def level(server: dict, c: int) -> dict | None:
+        return next((lv for lv in server["levels"] if lv.get("concurrency") == c and "completed" in lv), None)
+
+    base, batched = results["servers"][0], results["servers"][-1]
+    b1, b4, s1, s4, b16 = level(batched, 1), level(batched, 4), level(base, 1), level(base, 4), level(batched, 16)
+    tp_ratio = round(b4["throughput_rps"] / s4["throughput_rps"], 3) if b4 and s4 else None
+    p50_ratio = round(b4["latency_s"]["p50"] / b1["latency_s"]["p50"], 3) if b4 and b1 else None
+    errs16 = b16["other_errors"] if b16 else None
+    sk = results.get("soak", {})
+    rss, fds = sk.get("rss_growth_mib"), sk.get("fd_growth")
+    results["figures"] = {
+        "throughput_rps": {f"max_batch_{s['max_batch']}": {lv["concurrency"]: lv["throughput_rps"] for lv in s["levels"]
+                                                            if "completed" in lv} for s in results["servers"]},
+        "latency_p50_s": {f"max_batch_{s['max_batch']}": {lv["concurrency"]: lv["latency_s"]["p50"] for lv in s["levels"]
+                                                           if "completed" in lv} for s in results["servers"]},
+        "ttft_note": "time to first token is in each level's server timings only for streamed requests; the soak streams",
     }
+    prof = results["decode_profile"]
+    if s4 and s4.get("mean_prompt_tokens") and "prompt_tokens_per_s" in prof:
+        # what batching could give at best here: each request's prompt is computed alone either way (prefill is
+        # compute-bound), only its decoding steps are shared
+        prefill_s = s4["mean_prompt_tokens"] / prof["prompt_tokens_per_s"]
+        n = s4["mean_new_tokens"]
+        one = prefill_s + n * prof["1"]["step_ms"] / 1000
+        four = 4 * prefill_s + n * prof["4"]["step_ms"] / 1000
+        results["figures"]["throughput_ratio_ceiling_4_clients"] = {
+            "value": round(4 * one / four, 3), "prefill_s_per_request": round(prefill_s, 3),
+            "decode_s_per_request_alone": round(n * prof["1"]["step_ms"] / 1000, 3),
+            "rule": "4 x (prefill + N decoding steps of 1 row) / (4 prefills + N steps of 4 rows), from decode_profile"}
+    if s1 and "peer_in_process" in results:
+        results["figures"]["server_over_in_process_latency_p50"] = round(
+            s1["latency_s"]["p50"] / results["peer_in_process"]["latency_s"]["p50"], 3)
+    results["goals"] = {
+        "serve_4_clients_throughput_ratio": {"target": 3, "measured": tp_ratio, "met": tp_ratio is not None and tp_ratio >= 3},
+        "serve_p50_ratio_4_clients": {"target": 1.5, "measured": p50_ratio, "met": p50_ratio is not None and p50_ratio <= 1.5},
+        "serve_16_clients_errors": {"target": 0, "measured": errs16, "met": errs16 == 0},
+        "soak_rss_growth_mb": {"target": 50, "measured": rss, "met": rss is not None and rss <= 50},
+        "soak_fd_growth": {"target": 5, "measured": fds, "met": fds is not None and fds <= 5},
+    }
+    results["wall_s"] = round(time.monotonic() - wall0, 1)
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.out)
     from tessera.config import atomic_write_text
 
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    print(json.dumps({"figures": figures, "goals": results["goals"]}, indent=2))
+    print(json.dumps({"figures": results["figures"], "goals": results["goals"]}, indent=2))
     print(f"wrote {out}")
 
 

@@ -183,12 +183,14 @@ class LocalLM:
         self._load_lock = threading.Lock()
 
     @classmethod
-    def load(cls, spec: str = "default", device=None, engine: str | None = None, url: str | None = None) -> "LocalLM":
+    def load(cls, spec: str = "default", device=None, engine: str | None = None, url: str | None = None,
+             served_model: str | None = None) -> "LocalLM":
         """``spec``: see :mod:`tessera.hub`; ``engine``: ``auto`` (default, see :func:`engine_choice`),
         ``llamacpp``, ``tessera`` or ``hf``.  ``url``: an OpenAI-compatible server (vLLM, llama.cpp) that serves
         ``spec``; answers stream from it (engine ``"openai"``), and ``spec`` must name a local copy of the model
         (``default``, ``gguf:PATH``, a folder or a cached hub id) for its tokenizer, which fits prompts into the
-        context, and for the paths that need log-probabilities or internals."""
+        context, and for the paths that need log-probabilities or internals.  ``served_model``: the model's name
+        on that server when it differs from ``spec`` (vLLM serves a hub id, llama.cpp's server any name)."""
         from tessera import hub
 
         if url:
@@ -202,7 +204,7 @@ class LocalLM:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=hub._local_only())
-            served = "default" if spec.strip().lower() in hub.LM_ALIASES else spec
+            served = served_model or ("default" if spec.strip().lower() in hub.LM_ALIASES else spec)
             lm = cls(None, tokenizer, name=f"{spec}@{url}", spec=spec,
                      remote=OpenAIBackend(base_url=url, model=served, max_retries=1))
             lm.engine_reason = "--lm-url"
@@ -253,6 +255,23 @@ class LocalLM:
     @model.setter
     def model(self, value) -> None:
         self._model = value
+
+    def local_weights(self) -> bool:
+        """Whether the model's weights are on this machine (loaded, or loadable from ``spec``): the paths that need
+        log-probabilities or internals (SelfCite, NEST, scoring) need them when generation runs on a server."""
+        if self._model is not None or self._llama is not None:
+            return True
+        from tessera import hub
+
+        try:
+            if hub.gguf_file(self._spec) is not None:
+                return True
+            folder = Path(hub.resolve_lm(self._spec))
+        except Exception:  # noqa: BLE001 - not resolvable here: no local weights
+            return False
+        if not folder.is_dir():
+            return True  # a cached hub id: resolve_lm found its config in the cache
+        return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
     def enable_batching(self, max_batch: int) -> str:
         """Let concurrent :meth:`stream` calls (from several threads) decode together, at most ``max_batch`` at a

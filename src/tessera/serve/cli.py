@@ -13,6 +13,7 @@ def serve_command(
     lm: str = typer.Option("default", "--lm", help="Language model: 'default' (embedded SmolLM2-135M-Instruct), gguf:PATH, a local folder or a cached hub id."),
     engine: str = typer.Option("auto", "--engine", envvar="TESSERA_ENGINE", help="auto (llama.cpp for GGUF models when llama-cpp-python is installed, else tessera) | llamacpp | tessera | hf."),
     lm_url: str = typer.Option(None, "--lm-url", help="OpenAI-compatible server (vLLM, llama.cpp) that serves --lm; answers stream from it, --lm names its local copy (tokenizer, citations)."),
+    lm_model: str = typer.Option(None, "--lm-model", help="The model's name on the --lm-url server when it differs from --lm (vLLM serves hub ids)."),
     encoder: str = typer.Option("default-encoder", "--encoder", "-e", help="Encoder for dense/hybrid retrieval; 'none' serves BM25 only."),
     prebuild_dense: bool = typer.Option(True, "--prebuild-dense/--lazy-dense", help="Build dense indexes in the background at start (else on first dense request)."),
     max_batch: int = typer.Option(4, "--max-batch", help="Requests answered at once: their tokens decode together (continuous batching on the llama.cpp engine) or go together to --lm-url; 1 answers one at a time."),
@@ -28,7 +29,7 @@ def serve_command(
     from tessera.serve.app import serve
     from tessera.serve.config import ServeConfig
 
-    cfg = ServeConfig(host=host, port=port, lm=lm, engine=engine, lm_url=lm_url, corpora=list(corpus), encoder=None if encoder.lower() == "none" else encoder,
+    cfg = ServeConfig(host=host, port=port, lm=lm, engine=engine, lm_url=lm_url, lm_model=lm_model, corpora=list(corpus), encoder=None if encoder.lower() == "none" else encoder,
                       prebuild_dense=prebuild_dense, max_batch=max_batch, queue_size=queue_size, request_timeout_s=timeout,
                       max_new_tokens=max_new_tokens, max_new_tokens_limit=max_new_tokens_limit,
                       max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_upload_files=max_upload_files,

@@ -35,6 +35,7 @@ class ServeConfig:
     lm: str = "default"
     engine: str = "auto"  # LocalLM.load: auto | llamacpp | tessera | hf
     lm_url: str | None = None  # an OpenAI-compatible server that serves `lm` (answers stream from it)
+    lm_model: str | None = None  # the model's name on that server, when it differs from `lm`
     corpora: list[str] = field(default_factory=lambda: ["python-docs"])
     encoder: str | None = "default-encoder"
     prebuild_dense: bool = True

@@ -48,6 +48,12 @@ def prepare(state: ServerState, req: AskRequest) -> tuple[CorpusEntry, int]:
     if new_tokens > cfg.max_new_tokens_limit:
         raise ApiError(400, "max_new_tokens_too_large", f"max_new_tokens: at most {cfg.max_new_tokens_limit} on this "
                        f"server, got {new_tokens}", field="max_new_tokens")
+    features = state.features() if getattr(state.lm, "engine", "") == "openai" else {}
+    for name, asked in (("cite", req.cite), ("nest", req.decode == "nest")):
+        if asked and not features.get(name, {"available": True})["available"]:
+            raise ApiError(400, "feature_unavailable", f"{'cite' if name == 'cite' else 'decode'}: "
+                           f"{features[name]['note']}; start the server with --lm naming a local copy of the model, "
+                           f"or ask without it", field="cite" if name == "cite" else "decode")
     if req.decode == "nest" and req.k == 0:
         raise ApiError(400, "nest_needs_passages", "k: decode nest copies from retrieved passages; use k 1 or more", field="k")
     return state.corpora.for_ask(req.corpus, req.retriever), new_tokens

@@ -19,4 +19,4 @@ async def healthz(state: State) -> dict:
     return {"status": "ok", "version": __version__, "model": getattr(model, "name", str(config.lm)),
             "engine": getattr(model, "engine", ""), "encoder": config.encoder, "corpora": len(state.corpora.entries),
             "queue": {"running": running, "waiting": waiting, "capacity": worker.capacity},
-            "batching": state.batching_info()}
+            "batching": state.batching_info(), "features": state.features()}

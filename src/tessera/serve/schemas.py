@@ -156,12 +156,19 @@ class QueueOut(BaseModel):
     capacity: int
 
 
+class FeatureOut(BaseModel):
+    available: bool
+    where: str
+    note: str = ""
+
+
 class BatchingOut(BaseModel):
     mode: Literal["batched", "concurrent", "serial"]
     max_batch: int
     workers: int
     decoding_rows: int | None = None
     reason: str = ""
+    stats: dict | None = None  # the batch loop's counters (steps, mean decoding rows, tokens, served, cancelled)
 
 
 class Health(BaseModel):
@@ -173,3 +180,4 @@ class Health(BaseModel):
     corpora: int
     queue: QueueOut
     batching: BatchingOut | None = None
+    features: dict[str, FeatureOut] | None = None  # what the server can do and where it runs (--lm-url moves generation)
