@@ -38,6 +38,9 @@ class BM25Index:
         if not texts:
             raise EmptyCorpusError("cannot build a BM25 index over an empty corpus; give a corpus with at least one document")
         tokens = bm25s.tokenize(list(texts), stopwords=stopwords or [], stemmer=_stemmer(stemmer), show_progress=False)
+        if not tokens.vocab:  # bm25s itself fails here with "max() arg is an empty sequence"
+            raise EmptyCorpusError("cannot build a BM25 index: the corpus has no searchable words (only stopwords such as "
+                                   "'a' or 'the', or no words at all); give documents with text")
         retriever = bm25s.BM25(k1=k1, b=b)
         retriever.index(tokens, show_progress=False)
         return cls(retriever, stemmer=stemmer, stopwords=stopwords)
