@@ -258,11 +258,12 @@ class Server:
             self.proc.wait(10)
 
 
-def run_server(args, max_batch: int, levels: list[int], counts: list[int], run_deadline: float) -> dict:
+def run_server(args, max_batch: int, levels: list[int], counts: list[int], run_deadline: float,
+               body: dict | None = None) -> dict:
     """The concurrency levels against one server started with ``--max-batch max_batch``."""
     import httpx
 
-    body = {"k": args.k, "max_new_tokens": args.max_new_tokens, "decode": "greedy", "cite": False}
+    body = body or {"k": args.k, "max_new_tokens": args.max_new_tokens, "decode": "greedy", "cite": False}
     with Server(args, max_batch) as srv:
         out = {"max_batch": max_batch, "server_command": " ".join(srv.cmd[1:]), "startup_s": srv.startup_s,
                "health": srv.health, "levels": []}
@@ -419,9 +420,15 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=600.0, help="seconds of mixed traffic at the last --max-batches (0: none)")
     ap.add_argument("--quick", action="store_true", help="levels 1,4, 4 and 8 requests, a 60 s soak, no peer")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    ap.add_argument("--decode-heavy", action=argparse.BooleanOptionalAction, default=True,
+                    help="also 4 clients x 8 requests with k 0 and 128 new tokens at both --max-batches")
+    ap.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile_only:
+        print(json.dumps(decode_profile(args)))
+        return
     if args.quick:
-        args.levels, args.requests, args.soak, args.peer_requests = "1,4", "4,8", 60.0, 0
+        args.levels, args.requests, args.soak, args.peer_requests, args.decode_heavy = "1,4", "4,8", 60.0, 0, False
     wall0 = time.monotonic()
     levels = [int(x) for x in args.levels.split(",")]
     counts = [int(x) for x in args.requests.split(",")]
@@ -435,10 +442,23 @@ def main() -> None:
     if args.peer_requests > 0:
         print("in-process peer ...", flush=True)
         results["peer_in_process"] = in_process_peer(args, args.peer_requests)
-    print("decode profile ...", flush=True)
-    results["decode_profile"] = decode_profile(args)
+    print("decode profile (a fresh process: llama.cpp runs 2.6x slower per step in a process whose own ask pipeline "
+          "has run, as the in-process peer's has) ...", flush=True)
+    prof = subprocess.run([sys.executable, __file__, "--profile-only", "--lm", args.lm], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if prof.returncode != 0:
+        raise SystemExit(f"error: the decode profile failed: {prof.stderr[-500:]}")
+    results["decode_profile"] = json.loads(prof.stdout.strip().splitlines()[-1])
     print(json.dumps(results["decode_profile"]), flush=True)
     results["servers"] = [run_server(args, mb, levels, counts, run_deadline) for mb in batches]
+    if args.decode_heavy:
+        # where decoding dominates (no passages, long answers) batching shares most of each request's work
+        heavy = {"k": 0, "max_new_tokens": 128, "decode": "greedy", "cite": False}
+        results["decode_heavy"] = {"body": heavy, "servers": [
+            run_server(args, mb, [4], [8], run_deadline, body=heavy) for mb in (batches[0], batches[-1])]}
+        hv = [sv["levels"][0] for sv in results["decode_heavy"]["servers"]]
+        if all("completed" in lv for lv in hv):
+            results["decode_heavy"]["throughput_ratio_4_clients"] = round(hv[1]["throughput_rps"] / hv[0]["throughput_rps"], 3)
     if args.soak > 0:
         left = run_deadline - time.monotonic() - 60
         seconds = min(args.soak, left)

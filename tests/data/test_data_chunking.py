@@ -144,3 +144,20 @@ def test_python_docs_corpus_chunks():
     assert all(by_id[p.doc_id].text[p.start : p.end] == p.text for p in ps)
     assert all(count_tokens_simple(p.text) <= 256 for p in ps)
     assert len({p.id for p in ps}) == len(ps)
+
+
+def test_long_paragraphs_split_in_linear_time():
+    """pysbd's time grows with the square of a paragraph; long ones go through it in bounded windows."""
+    import time
+
+    from tessera.data import chunking
+
+    text = "Tea is hot. " * 20000  # one 240 KB paragraph of one repeated sentence
+    t0 = time.perf_counter()
+    spans = chunking.split_sentences(text)
+    assert time.perf_counter() - t0 < 15  # whole-paragraph pysbd did not finish 200 KB in 30 s
+    assert len(spans) == 20000 and all(text[a:b] == "Tea is hot." for a, b in spans)
+    words = "a " * 50000  # no sentence end at all: cut at spaces into windows, every character covered
+    spans = chunking.split_sentences(words)
+    assert all(b - a <= chunking.PYSBD_WINDOW for a, b in spans)
+    assert "".join(words[a:b] for a, b in spans).replace(" ", "") == words.replace(" ", "")
