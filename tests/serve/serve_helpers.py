@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 
 
 def sse_events(text: str) -> list[tuple[str, dict]]:
@@ -18,3 +22,26 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
         if event:
             out.append((event, json.loads(data)))
     return out
+
+
+@contextlib.contextmanager
+def uvicorn_thread(app, **config):
+    """``app`` served by uvicorn on a free 127.0.0.1 port in a thread -> ``(url, port, server, thread)``; stopped on exit."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **{"log_level": "warning", **config}))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t = time.monotonic()
+    while not server.started:
+        if time.monotonic() - t > 20 or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", port, server, thread
+    finally:
+        server.should_exit = True
+        thread.join(10)

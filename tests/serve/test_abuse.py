@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from serve_helpers import uvicorn_thread
 from test_api import assert_error, wait_job
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -207,28 +208,13 @@ def test_a_thousand_tiny_files(make_client, tmp_path):
 @pytest.fixture()
 def live_server(tiny_lm, small_corpus_dir, tmp_path, caplog):
     """The app on uvicorn in a thread (127.0.0.1, a free port); logs reach ``caplog`` (``log_config=None``)."""
-    import uvicorn
-
     from tessera.serve import ServeConfig, create_app
 
     app = create_app(ServeConfig(corpora=[str(small_corpus_dir)], encoder=None, upload_dir=str(tmp_path / "uploads"),
                                  max_new_tokens=8), lm=tiny_lm)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="warning",
-                                           limit_concurrency=256, timeout_keep_alive=5))  # as serve() runs it
-    thread = threading.Thread(target=server.run, daemon=True)
     caplog.set_level(logging.WARNING)
-    thread.start()
-    t = time.monotonic()
-    while not server.started:
-        if time.monotonic() - t > 20 or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", port, app, server, thread
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_thread(app, log_config=None, limit_concurrency=256, timeout_keep_alive=5) as (url, port, server, thread):
+        yield url, port, app, server, thread  # the limits serve() runs uvicorn with
 
 
 def _wait_for(cond, timeout: float = 10.0) -> None:
@@ -348,3 +334,29 @@ def test_delete_a_corpus_while_it_is_being_queried(make_client, tmp_path, monkey
     assert again.status_code == 202 and again.json()["corpus"]["id"] == cid
     assert wait_job(c, again.json()["job"]["id"])["status"] == "done"
     assert c.post("/v1/ask", json={"question": "ferry", "corpus": cid, "max_new_tokens": 2}).status_code == 200
+
+
+def test_a_stalled_body_gets_408_and_frees_its_connection(tiny_lm, small_corpus_dir, tmp_path):
+    import httpx
+
+    from tessera.serve import ServeConfig, create_app
+
+    app = create_app(ServeConfig(corpora=[str(small_corpus_dir)], encoder=None, upload_dir=str(tmp_path / "uploads"),
+                                 max_new_tokens=4, body_timeout_s=1.0), lm=tiny_lm)
+    with uvicorn_thread(app, limit_concurrency=256) as (url, port, server, _):
+        upload_body, headers = _multipart([("files", b"slow.txt", b"never finished " * 20)])
+        slow = [_slow_request(port, "/v1/corpora", headers["content-type"], upload_body[:100], 100_000),
+                _slow_request(port, "/v1/ask", "application/json", b'{"question": "tea', 1_000)]
+        t = time.monotonic()
+        for s in slow:
+            with s:
+                s.settimeout(10)
+                answer = s.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+                assert b"stalled" in answer
+        assert time.monotonic() - t < 8
+        _wait_for(lambda: not server.server_state.tasks)
+        with httpx.Client(base_url=url, timeout=10) as client:  # a body sent at once is unaffected
+            assert client.post("/v1/ask", json={"question": "green tea", "k": 1}).status_code == 200
+            assert [x["kind"] for x in client.get("/v1/corpora").json()["corpora"]] == ["config"]
+    assert not (tmp_path / "uploads").exists() or not any((tmp_path / "uploads").iterdir())

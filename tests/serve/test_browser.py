@@ -4,13 +4,10 @@ ask a question, wait for the streamed answer, click a citation chip, check the h
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 
-from serve_helpers import sse_events
+from serve_helpers import sse_events, uvicorn_thread
 
 
 def _browser_paths() -> tuple[str, str]:
@@ -25,26 +22,12 @@ def _browser_paths() -> tuple[str, str]:
 @pytest.fixture()
 def live_server(tiny_lm, small_corpus_dir, tmp_path):
     """The app over the tiny LM, served by uvicorn on a free 127.0.0.1 port in a thread."""
-    import uvicorn
-
     from tessera.serve import ServeConfig, create_app
 
     app = create_app(ServeConfig(corpora=[str(small_corpus_dir)], encoder=None, upload_dir=str(tmp_path / "uploads"),
                                  max_new_tokens=24), lm=tiny_lm)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t = time.monotonic()
-    while not server.started:
-        if time.monotonic() - t > 20 or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with uvicorn_thread(app) as (url, *_):
+        yield url
 
 
 def test_page_streams_answer_and_highlights_cited_sentence(live_server, tmp_path):

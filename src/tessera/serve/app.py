@@ -76,7 +76,8 @@ def create_app(config: ServeConfig | None = None, lm=None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.tessera = state
-    app.add_middleware(BodyLimit, default=ASK_BODY_LIMIT, limits={"/v1/corpora": config.max_upload_bytes + 256 * 1024})
+    app.add_middleware(BodyLimit, default=ASK_BODY_LIMIT, limits={"/v1/corpora": config.max_upload_bytes + 256 * 1024},
+                       body_timeout=config.body_timeout_s)
     add_error_handlers(app)
     for router in (ask_router, corpora_router, server_router):
         app.include_router(router)

@@ -24,6 +24,7 @@ def serve_command(
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest upload (all files of one request), in MiB."),
     max_upload_files: int = typer.Option(20, "--max-upload-files", help="Most files in one upload."),
     max_corpora: int = typer.Option(16, "--max-corpora", help="Most uploaded corpora kept at once."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may stall before the server answers 408."),
 ):
     """Serve the ask API (FastAPI, OpenAPI at /openapi.json) and a web page with clickable citations."""
     from tessera.serve.app import serve
@@ -33,5 +34,5 @@ def serve_command(
                       prebuild_dense=prebuild_dense, max_batch=max_batch, queue_size=queue_size, request_timeout_s=timeout,
                       max_new_tokens=max_new_tokens, max_new_tokens_limit=max_new_tokens_limit,
                       max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_upload_files=max_upload_files,
-                      max_uploaded_corpora=max_corpora)
+                      max_uploaded_corpora=max_corpora, body_timeout_s=body_timeout)
     serve(cfg)

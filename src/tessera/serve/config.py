@@ -50,6 +50,7 @@ class ServeConfig:
     max_upload_files: int = 20
     max_uploaded_corpora: int = 16
     upload_dir: str | None = None
+    body_timeout_s: float = 30.0  # a request body that sends nothing for this long gets 408 (slow clients)
     seed: int = 0
 
     def __post_init__(self):
@@ -63,6 +64,8 @@ class ServeConfig:
         for name in ("max_batch", "max_new_tokens", "max_new_tokens_limit", "max_question_chars", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.body_timeout_s <= 0:
+            raise InputError(f"--body-timeout must be positive, got {self.body_timeout_s}")
         if self.request_timeout_s <= 0:
             raise InputError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if not 0 <= self.port <= 65535:

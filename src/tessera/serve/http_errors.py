@@ -5,6 +5,7 @@ Every error is ``{"error": {"status", "code", "message", "field"}}`` (see :mod:`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, HTTPException, Request
@@ -49,11 +50,20 @@ class _TooLarge(HTTPException):
         super().__init__(413, "the request body is too large for this server's limits")
 
 
-class BodyLimit:
-    """Pure ASGI middleware: request bodies over the path's limit get a JSON 413, before or while they are read."""
+class _BodyTimeout(HTTPException):
+    """A request body stalled: no part of it came for the server's body timeout (an HTTPException, as _TooLarge)."""
 
-    def __init__(self, app, default: int, limits: dict[str, int]):
-        self.app, self.default, self.limits = app, default, limits
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body stalled: nothing came for {seconds:g} s; send the whole body at once")
+
+
+class BodyLimit:
+    """Pure ASGI middleware: request bodies over the path's limit get a JSON 413, before or while they are read;
+    a body that stalls (no bytes for ``body_timeout`` seconds before it is complete) gets a JSON 408, so clients
+    that never finish their bodies cannot hold the server's connections (uvicorn has no body timeout)."""
+
+    def __init__(self, app, default: int, limits: dict[str, int], body_timeout: float | None = None):
+        self.app, self.default, self.limits, self.body_timeout = app, default, limits, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -65,13 +75,20 @@ class BodyLimit:
                                           f"({limit} bytes)", field=field).body(), status_code=413)
         if length is not None and length.isdigit() and int(length) > limit:
             return await too_large(scope, receive, send)
-        seen, started = 0, False
+        seen, started, complete = 0, False, False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete or not self.body_timeout:  # after the body: a streamed answer waits here for a disconnect
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    raise _BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > limit:
                     raise _TooLarge()
             return message
@@ -86,6 +103,11 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await too_large(scope, receive, send)
+        except _BodyTimeout:
+            if not started:
+                stalled = ApiError(408, "body_timeout", f"the request body stalled: nothing came for {self.body_timeout:g} s; "
+                                   "send the whole body at once", field=field)
+                await JSONResponse(stalled.body(), status_code=408, headers={"Connection": "close"})(scope, receive, send)
 
 
 async def _api_error(request: Request, exc: ApiError):
