@@ -290,6 +290,6 @@ class ContinuousBatcher:
         logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(i), shape=(self.n_vocab,))
         if row.temperature <= 0:
             return int(np.argmax(logits))
-        from tessera.lm.local import sample_next
+        from tessera.lm.sampling import sample_next
 
         return int(sample_next(torch.from_numpy(logits.copy())[None], row.temperature, row.top_p, row.generator)[0])

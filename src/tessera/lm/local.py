@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tessera.errors import ContextTooLongError, InputError
+from tessera.lm.sampling import sample_next  # noqa: F401 - re-exported (tessera.lm.local.sample_next)
 
 
 @dataclass
@@ -33,19 +34,6 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         decode_s = self.total_s - self.time_to_first_token_s
         return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy when ``temperature == 0``, else temperature + nucleus (top-p) sampling. ``logits``: [B, V] -> [B]."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # always keeps the top token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ---------------------------------------------------------------- batched generation (left padding)
