@@ -249,6 +249,11 @@ class LocalLM:
         log-probabilities or internals (SelfCite, NEST, scoring) need them when generation runs on a server."""
         if self._model is not None or self._llama is not None:
             return True
+        if getattr(self, "_has_weights", None) is None:  # looked up once (tessera serve asks on every request)
+            self._has_weights = self._find_weights()
+        return self._has_weights
+
+    def _find_weights(self) -> bool:
         from tessera import hub
 
         try:
