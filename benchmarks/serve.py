@@ -211,10 +211,13 @@ def in_process_peer(args, n: int) -> dict:
 class Server:
     """``tessera serve`` in a subprocess (``--max-batch N``), up and warmed; stopped on exit."""
 
-    def __init__(self, args, max_batch: int):
+    def __init__(self, args, max_batch: int, probe: Path | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "tessera.cli", "--quiet", "serve", "--host", "127.0.0.1", "--port",
+        # with ``probe``: through serve_memprobe.py, which writes where resident memory goes to that JSONL file
+        launch = ([sys.executable, str(ROOT / "benchmarks" / "serve_memprobe.py"), str(probe), "--tracemalloc",
+                   str(args.soak_tracemalloc), "--"] if probe else [sys.executable, "-m", "tessera.cli"])
+        self.cmd = [*launch, "--quiet", "serve", "--host", "127.0.0.1", "--port",
                     str(self.port), "--lm", args.lm, "--encoder", "none", "--queue-size", str(args.queue_size),
                     "--max-new-tokens", str(args.max_new_tokens), "--timeout", str(args.request_timeout),
                     "--max-batch", str(max_batch)]
@@ -299,11 +302,14 @@ def soak(args, max_batch: int, seconds: float) -> dict:
     rng = random.Random(0)
     counts = collections.Counter()
     samples: list[dict] = []
-    with Server(args, max_batch) as srv:
+    probe = Path(tempfile.gettempdir()) / f"tessera-serve-memprobe-{os.getpid()}.jsonl" if args.soak_probe else None
+    with Server(args, max_batch, probe) as srv:
         base = srv.base
         warm = {"k": 2, "max_new_tokens": 16, "question": QUESTIONS[0]}
         for extra in ({}, {"cite": True}, {"decode": "nest"}):  # every path once before the baseline
             httpx.post(base + "/v1/ask", json={**warm, **extra}, timeout=args.request_timeout).raise_for_status()
+        if probe:
+            srv.proc.send_signal(signal.SIGUSR1)  # the probe's baseline: the server is warm
         stop = time.monotonic() + seconds
         lock = threading.Lock()
 
@@ -358,15 +364,67 @@ def soak(args, max_batch: int, seconds: float) -> dict:
         time.sleep(2)
         sample()
         batching = srv.healthz().get("batching")
+        if probe:
+            srv.proc.send_signal(signal.SIGUSR2)  # the probe's final sample (and Python allocation diff)
+            until = time.monotonic() + 120
+            while time.monotonic() < until and '"final": true' not in probe.read_text():
+                time.sleep(1)
     first = [s for s in samples[:3]]
     last = [s for s in samples[-3:]]
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
     errors = {k: v for k, v in counts.items() if not k.endswith(":200") and not k.endswith(":429")}
-    return {"seconds": seconds, "max_batch": max_batch, "requests": dict(sorted(counts.items())), "errors": errors,
-            "samples": samples, "batching_after": batching,
-            "rss_growth_mib": round(med(last, "rss_mib") - med(first, "rss_mib"), 1),
-            "fd_growth": med(last, "fds") - med(first, "fds"),
-            "growth_rule": "median of the last 3 samples minus median of the first 3 (after every path ran once)"}
+    out = {"seconds": seconds, "max_batch": max_batch, "requests": dict(sorted(counts.items())), "errors": errors,
+           "samples": samples, "batching_after": batching,
+           "rss_growth_mib": floor_growth([(s["t_s"], s["rss_mib"]) for s in samples]),
+           "rss_growth_median_rule_mib": round(med(last, "rss_mib") - med(first, "rss_mib"), 1),
+           "fd_growth": med(last, "fds") - med(first, "fds"),
+           "growth_rule": FLOOR_RULE + "; median rule: median of the last 3 samples minus median of the first 3; fds: "
+                          "median rule (after every path ran once)"}
+    if probe:
+        out["probe"] = probe_summary(probe)
+    return out
+
+
+FLOOR_RULE = ("rss: the resident floor (the lowest sample) of the last 2 minutes minus that of the first 2 minutes: "
+              "under traffic, RSS swings by up to ~250 MiB with the requests in flight (KV rows, citation forwards), "
+              "so single samples measure load, the floor what stays")
+
+
+def floor_growth(series: list[tuple[float, float]], window_s: float = 120.0) -> float | None:
+    """Lowest value in the last ``window_s`` seconds minus lowest in the first ``window_s`` (see FLOOR_RULE)."""
+    if len(series) < 2:
+        return None
+    t0, t1 = series[0][0], series[-1][0]
+    head = [v for t, v in series if t <= t0 + window_s]
+    tail = [v for t, v in series if t >= t1 - window_s]
+    return round(min(tail) - min(head), 1)
+
+
+def probe_summary(path: Path) -> dict:
+    """The memory probe's record from its baseline (the server warm) on: floors by kind of memory, and the Python
+    source lines whose allocations grew most by the end (see serve_memprobe.py)."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    start = max((i for i, r in enumerate(recs) if r.get("baseline")), default=0)
+    end = next((i for i, r in enumerate(recs) if r.get("final")), len(recs) - 1)
+    recs = recs[start:end + 1]
+    if not recs:
+        return {"error": f"no samples in {path}"}
+    t0 = recs[0]["t_s"]
+
+    def series(get) -> list[tuple[float, float]]:
+        return [(r["t_s"] - t0, v) for r in recs if (v := get(r)) is not None]
+
+    kinds = {"rss": lambda r: r["rss_mib"], "python_traced": lambda r: r.get("python_traced_mib")}
+    for k in ("heap", "anon", "file"):
+        kinds[f"smaps_{k}"] = lambda r, k=k: (r.get("smaps_mib") or {}).get(k)
+    for k in ("in_use_mib", "free_mib", "mmap_blocks_mib"):
+        kinds[f"malloc_{k[:-4]}"] = lambda r, k=k: (r.get("malloc") or {}).get(k)
+    growth = {k: floor_growth(series(get)) for k, get in kinds.items()}
+    return {"samples": len(recs), "growth_mib": growth, "rule": FLOOR_RULE.split(":")[0] + ": floor rule, per kind",
+            "baseline": {k: v for k, v in recs[0].items() if k != "python_top_growth"},
+            "end": {k: v for k, v in recs[-1].items() if k != "python_top_growth"},
+            "python_top_growth_at_end": recs[-1].get("python_top_growth"),
+            "series": [{k: v for k, v in r.items() if k != "python_top_growth"} for r in recs]}
 
 
 def decode_profile(args) -> dict:
@@ -401,6 +459,34 @@ def decode_profile(args) -> dict:
     return out
 
 
+def soak_goals(sk: dict) -> dict:
+    rss, fds = sk.get("rss_growth_mib"), sk.get("fd_growth")
+    return {"soak_rss_growth_mb": {"target": 50, "measured": rss, "met": rss is not None and rss <= 50},
+            "soak_fd_growth": {"target": 5, "measured": fds, "met": fds is not None and fds <= 5}}
+
+
+def soak_only(args, results: dict, max_batch: int, wall0: float) -> None:
+    """``--soak-only``: the soak alone (a memory investigation), written to serve-soak.json beside serve.json."""
+    from tessera.config import atomic_write_text
+
+    print(f"soak: {args.soak:.0f} s of mixed traffic at --max-batch {max_batch} ...", flush=True)
+    results["benchmark"] = "serve-soak"
+    results["soak"] = soak(args, max_batch, args.soak)
+    results["goals"] = soak_goals(results["soak"])
+    results["wall_s"] = round(time.monotonic() - wall0, 1)
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
+    out = Path(args.out)
+    if out == ROOT / "benchmarks" / "results" / "serve.json":
+        out = out.with_name("serve-soak.json")
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    sk = results["soak"]
+    print(json.dumps({"rss_growth_mib": sk["rss_growth_mib"], "rss_growth_median_rule_mib": sk["rss_growth_median_rule_mib"],
+                      "fd_growth": sk["fd_growth"], "probe_growth_mib": sk.get("probe", {}).get("growth_mib"),
+                      "python_top_growth_at_end": (sk.get("probe") or {}).get("python_top_growth_at_end"),
+                      "goals": results["goals"]}, indent=1))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
@@ -419,6 +505,12 @@ def main() -> None:
     ap.add_argument("--peer-requests", type=int, default=6)
     ap.add_argument("--soak", type=float, default=600.0, help="seconds of mixed traffic at the last --max-batches (0: none)")
     ap.add_argument("--quick", action="store_true", help="levels 1,4, 4 and 8 requests, a 60 s soak, no peer")
+    ap.add_argument("--soak-probe", action="store_true",
+                    help="run the soak's server under serve_memprobe.py (smaps, mallinfo2, tracemalloc every 10 s)")
+    ap.add_argument("--soak-tracemalloc", type=int, default=0, metavar="FRAMES",
+                    help="with --soak-probe: also trace Python allocations (slows the server and adds memory)")
+    ap.add_argument("--soak-only", action="store_true",
+                    help="only the soak (with --soak-probe: a memory profile); writes serve-soak.json, not serve.json")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     ap.add_argument("--decode-heavy", action=argparse.BooleanOptionalAction, default=True,
                     help="also 4 clients x 8 requests with k 0 and 128 new tokens at both --max-batches")
@@ -439,6 +531,8 @@ def main() -> None:
     run_deadline = time.monotonic() + args.max_minutes * 60
     info = machine(args.threads)
     results: dict = {"benchmark": "serve", "machine": info, "config": {k: v for k, v in vars(args).items() if k != "out"}}
+    if args.soak_only:
+        return soak_only(args, results, batches[-1], wall0)
     if args.peer_requests > 0:
         print("in-process peer ...", flush=True)
         results["peer_in_process"] = in_process_peer(args, args.peer_requests)
@@ -478,7 +572,6 @@ def main() -> None:
     p50_ratio = round(b4["latency_s"]["p50"] / b1["latency_s"]["p50"], 3) if b4 and b1 else None
     errs16 = b16["other_errors"] if b16 else None
     sk = results.get("soak", {})
-    rss, fds = sk.get("rss_growth_mib"), sk.get("fd_growth")
     results["figures"] = {
         "throughput_rps": {f"max_batch_{s['max_batch']}": {lv["concurrency"]: lv["throughput_rps"] for lv in s["levels"]
                                                             if "completed" in lv} for s in results["servers"]},
@@ -508,8 +601,7 @@ def main() -> None:
         "serve_4_clients_throughput_ratio": {"target": 3, "measured": tp_ratio, "met": tp_ratio is not None and tp_ratio >= 3},
         "serve_p50_ratio_4_clients": {"target": 1.5, "measured": p50_ratio, "met": p50_ratio is not None and p50_ratio <= 1.5},
         "serve_16_clients_errors": {"target": 0, "measured": errs16, "met": errs16 == 0},
-        "soak_rss_growth_mb": {"target": 50, "measured": rss, "met": rss is not None and rss <= 50},
-        "soak_fd_growth": {"target": 5, "measured": fds, "met": fds is not None and fds <= 5},
+        **soak_goals(sk),
     }
     results["wall_s"] = round(time.monotonic() - wall0, 1)
     results["machine"]["load_average_at_end"] = list(os.getloadavg())

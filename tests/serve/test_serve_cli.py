@@ -62,3 +62,37 @@ def test_serve_process_answers_on_localhost(tiny_lm_dir, small_corpus_dir, tmp_p
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}/" in out
+
+
+_PROBE = """
+import os, sys
+import tessera.serve.app as app
+seen = {}
+app.serve = lambda cfg, lm=None: seen.update(mkl=os.environ.get("MKL_DISABLE_FAST_MM"), torch="torch" in sys.modules)
+from typer.testing import CliRunner
+from tessera.cli import app as cli
+r = CliRunner().invoke(cli, ["serve", "--port", "0"])
+assert r.exit_code == 0, r.output
+print(seen["mkl"], seen["torch"])
+"""
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "1"), ("0", "0")])
+def test_serve_turns_off_mkl_buffer_pools_before_torch_loads(preset, expected):
+    """MKL's per-thread buffer pools grew the soak's live memory by 190 MiB; MKL reads MKL_DISABLE_FAST_MM when
+    torch loads it, so ``tessera serve`` sets it (unless the user did) before anything imports torch."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    if preset is not None:
+        env["MKL_DISABLE_FAST_MM"] = preset
+    r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [expected, "False"]
+
+
+def test_mkl_setting_reports_when_torch_came_first():
+    code = ("import os, torch; from tessera.serve.engine import disable_mkl_buffer_pools as d; "
+            "print(d(), os.environ['MKL_DISABLE_FAST_MM'])")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "1"]

@@ -27,6 +27,9 @@ def serve_command(
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may stall before the server answers 408."),
 ):
     """Serve the ask API (FastAPI, OpenAPI at /openapi.json) and a web page with clickable citations."""
+    from tessera.serve.engine import disable_mkl_buffer_pools
+
+    disable_mkl_buffer_pools()  # before torch is imported: MKL's per-thread pools grow under worker threads
     from tessera.serve.app import serve
     from tessera.serve.config import ServeConfig
 
