@@ -17,7 +17,9 @@ Peer: the same asks answered in-process by ``tessera.ask.ask`` (no HTTP, no queu
 
 ``--soak S``: S seconds (default 600) of mixed traffic at the batched setting (1-6 clients: JSON and SSE asks,
 streams dropped mid-answer, citations, health checks), resident memory and open file descriptors sampled every
-10 s.  ``--quick``: levels 1 and 4, a 60 s soak, no peer.
+10 s; the server runs under ``serve_memprobe.py`` (``--no-soak-probe``: not), which records where its memory is
+(smaps by kind, glibc's live and free bytes).  RSS growth is the floor rule (``FLOOR_RULE``).  ``--soak-only``:
+the soak alone, to ``serve-soak.json``.  ``--quick``: levels 1 and 4, a 60 s soak, no peer.
 
 Goals (``serve.json`` ``goals``): ``serve_4_clients_throughput_ratio`` >= 3, ``serve_p50_ratio_4_clients`` <= 1.5,
 ``serve_16_clients_errors`` <= 0, ``soak_rss_growth_mb`` <= 50, ``soak_fd_growth`` <= 5.
@@ -505,8 +507,9 @@ def main() -> None:
     ap.add_argument("--peer-requests", type=int, default=6)
     ap.add_argument("--soak", type=float, default=600.0, help="seconds of mixed traffic at the last --max-batches (0: none)")
     ap.add_argument("--quick", action="store_true", help="levels 1,4, 4 and 8 requests, a 60 s soak, no peer")
-    ap.add_argument("--soak-probe", action="store_true",
-                    help="run the soak's server under serve_memprobe.py (smaps, mallinfo2, tracemalloc every 10 s)")
+    ap.add_argument("--soak-probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the soak's server under serve_memprobe.py: resident memory by kind (smaps) and glibc's "
+                         "live and free bytes (mallinfo2) every 10 s, in serve.json's soak.probe")
     ap.add_argument("--soak-tracemalloc", type=int, default=0, metavar="FRAMES",
                     help="with --soak-probe: also trace Python allocations (slows the server and adds memory)")
     ap.add_argument("--soak-only", action="store_true",
