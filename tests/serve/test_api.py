@@ -238,8 +238,13 @@ def test_upload_index_ask_and_delete(make_client, tmp_path):
     (restored,) = [x for x in c2.get("/v1/corpora").json()["corpora"] if x["kind"] == "upload"]
     wait_job(c2, restored["job_id"])
     assert c2.post("/v1/ask", json={"question": "harbour", "corpus": corpus["id"], "max_new_tokens": 2}).status_code == 200
+    from tessera.hub import tessera_home
+
+    index_dirs = [p for p in (tessera_home() / "indexes").iterdir() if p.name.startswith(corpus["id"])]
+    assert len(index_dirs) == 1 and (index_dirs[0] / "done").is_file()
     assert c.delete(f"/v1/corpora/{corpus['id']}").status_code == 204
     assert not stored.exists()
+    assert not index_dirs[0].exists()  # its cached index goes with it
     assert_error(c.post("/v1/ask", json={"question": "harbour", "corpus": corpus["id"]}), 400, "corpus", "unknown_corpus")
 
 

@@ -24,6 +24,7 @@ def test_serve_help_lists_the_options():
     (["--port", "70000"], "--port must be 0..65535"),
     (["--corpus", "/no/such/corpus-folder"], "not found"),
     (["--queue-size", "-1"], "queue_size must be 0 or more"),
+    (["--max-upload-files", "5000"], "--max-upload-files must be at most 1000"),
 ])
 def test_bad_options_fail_with_one_line(args, needle, tiny_lm_dir):
     r = run_cli("serve", "--lm", str(tiny_lm_dir), *args)

@@ -22,7 +22,7 @@ def serve_command(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Default answer length in tokens (requests may ask for up to --max-new-tokens-limit)."),
     max_new_tokens_limit: int = typer.Option(512, "--max-new-tokens-limit", help="Longest answer a request may ask for."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest upload (all files of one request), in MiB."),
-    max_upload_files: int = typer.Option(20, "--max-upload-files", help="Most files in one upload."),
+    max_upload_files: int = typer.Option(20, "--max-upload-files", help="Most files in one upload (1000 at most: the multipart parser reads no more)."),
     max_corpora: int = typer.Option(16, "--max-corpora", help="Most uploaded corpora kept at once."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may stall before the server answers 408."),
 ):

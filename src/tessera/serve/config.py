@@ -8,6 +8,9 @@ from pathlib import Path
 from tessera.errors import InputError
 
 
+MULTIPART_MAX_FILES = 1000  # Starlette's form parser (FastAPI's File(...)) reads at most this many files
+
+
 @dataclass
 class ServeConfig:
     """Settings of ``tessera serve`` (requests can choose none of the models or paths here).
@@ -64,6 +67,9 @@ class ServeConfig:
         for name in ("max_batch", "max_new_tokens", "max_new_tokens_limit", "max_question_chars", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_upload_files > MULTIPART_MAX_FILES:
+            raise InputError(f"--max-upload-files must be at most {MULTIPART_MAX_FILES} (the multipart parser reads no more "
+                             f"files per request), got {self.max_upload_files}")
         if self.body_timeout_s <= 0:
             raise InputError(f"--body-timeout must be positive, got {self.body_timeout_s}")
         if self.request_timeout_s <= 0:

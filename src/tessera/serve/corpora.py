@@ -219,7 +219,12 @@ class CorpusRegistry:
                 raise ApiError(409, "corpus_indexing", f"corpus {cid!r} is being indexed; delete it when job {entry.job_id} is done",
                                field="corpus_id")
             self.entries.pop(cid)
+            index_dir = getattr(entry.index, "path", None)
+            shared = any(getattr(e.index, "path", None) == index_dir for e in self.entries.values())
         shutil.rmtree(self.upload_root / cid, ignore_errors=True)
+        if index_dir is not None and not shared:
+            # its cached passages, BM25 and dense indexes: an ask already holding the index keeps what it loaded
+            shutil.rmtree(index_dir, ignore_errors=True)
 
     # -- jobs ------------------------------------------------------------------------
     def _submit_index(self, entry: CorpusEntry) -> Job:
