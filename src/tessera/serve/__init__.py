@@ -13,7 +13,8 @@ One FastAPI app (:func:`create_app`) serves
 One model instance answers up to ``max_batch`` requests at once from a bounded
 queue (:class:`~tessera.serve.engine.AskWorker`): on llama.cpp their tokens decode
 together (:class:`~tessera.lm.batching.ContinuousBatcher`), with ``lm_url`` they go
-together to that server; a full queue answers ``429`` with ``Retry-After``.  Models and corpus paths come only from the server's
+together to that server; a full queue answers ``429`` with ``Retry-After``.
+Models and corpus paths come only from the server's
 :class:`~tessera.serve.config.ServeConfig`, never from a request.
 """
 
