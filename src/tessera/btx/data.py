@@ -2,8 +2,10 @@
 
 A domain is written ``name:source`` (in configs and on the command line).  ``source`` is
 
-- ``wikitext2``: WikiText-2 from the shared data (train on ``valid.txt`` articles,
-  hold out ``test.txt``; the two files share no article);
+- ``wikitext2``: WikiText-2 from the shared data: the articles of ``valid.txt`` and
+  ``test.txt`` (the two files share no article), split per article by its title;
+- ``scifact``: SciFact's 5,183 biomedical abstracts (title + abstract) from the shared
+  data (``ir/scifact/corpus.csv``);
 - ``mmlu``: MMLU questions from the shared data formatted as ``Question/A-D/Answer``
   (train on the ``val`` split, hold out ``dev``);
 - ``python-docs``: Python's documentation topics (``pydoc_data.topics``);
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from tessera.errors import EmptyCorpusError, InputError
 
-BUILTIN_SOURCES = ("wikitext2", "mmlu", "python-docs", "python-code")
+BUILTIN_SOURCES = ("wikitext2", "scifact", "mmlu", "python-docs", "python-code")
 DEFAULT_DOMAINS = ("wiki:wikitext2", "mmlu:mmlu", "code:python-code")
 
 
@@ -96,18 +98,20 @@ def stdlib_code_files() -> list[Path]:
 def domain_texts(domain: Domain, heldout_fraction: float = 0.1) -> tuple[list[str], list[str]]:
     """``(train_texts, heldout_texts)`` for a domain (see the module docstring for the splits)."""
     src = domain.source
-    if src == "wikitext2":
-        from tessera.data.text import read_wikitext
-
-        train = [d.text for d in read_wikitext(_shared("wikitext2", "valid.txt"))]
-        held = [d.text for d in read_wikitext(_shared("wikitext2", "test.txt"))]
-        return train, held
     if src == "mmlu":
         from tessera.data.qa import read_mmlu
 
         root = _shared("mmlu")
         return [_mmlu_text(q) for q in read_mmlu(root, "val")], [_mmlu_text(q) for q in read_mmlu(root, "dev")]
-    if src == "python-docs":
+    if src == "wikitext2":
+        from tessera.data.text import read_wikitext
+
+        docs = [(d.title, d.text) for f in ("valid.txt", "test.txt") for d in read_wikitext(_shared("wikitext2", f))]
+    elif src == "scifact":
+        from tessera.data.ir import read_scifact
+
+        docs = [(d.id, f"{d.title}\n{d.text}" if d.title else d.text) for d in read_scifact(_shared("ir", "scifact")).docs]
+    elif src == "python-docs":
         from tessera.data.text import python_docs_corpus
 
         docs = [(d.id, d.text) for d in python_docs_corpus()]
