@@ -157,7 +157,13 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
     experts, infos, branch_s = branch_stage(tag, seed_dir, work, a, cfg, domains, seed)
     branch_flops = sum(i["train_flops"] for i in infos)
 
-    rep = mix_experts(experts, work / "btx-mixed", experts_per_token=2, router_init="normal", seed=seed, overwrite=True)
+    prompts = None
+    if cfg.get("router_init", "normal") == "hidden":  # mergekit-moe's gate init, from each expert's training text
+        from tessera.btx.data import domain_texts
+
+        prompts = [[t[:2000] for t in domain_texts(d)[0][:64]] for d in domains]
+    rep = mix_experts(experts, work / "btx-mixed", experts_per_token=2, router_init=cfg.get("router_init", "normal"),
+                      router_prompts=prompts, seed=seed, overwrite=True)
     moe = load(work / "btx-mixed", moe=True)
     f_moe = flops_per_step(moe.config, cfg["seq_len"], cfg["batch"])
     mixed_ppl = {n: perplexity(moe, held[n], 32) for n in names}  # before MoE finetuning: what averaging cost
@@ -184,7 +190,7 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
     if heatmaps:
         routing_heatmaps(heatmaps, tag, {"btx": btx, "sparse_upcycling": up}, held, names, out)
     out.update({
-        "config": {**cfg, "steps": steps, "router_init": "normal", "top_k": 2, "balance": "btx alpha=0.01",
+        "config": {**cfg, "steps": steps, "router_init": cfg.get("router_init", "normal"), "top_k": 2, "balance": "btx alpha=0.01",
                    "held_out_blocks": {n: int(held[n].shape[0]) for n in names}},
         "flops": {"branch": branch_flops, "btx_finetune": ft.steps * f_moe, "btx_total": budget, "dense": steps["dense"] * f_dense,
                   "sparse_upcycling": steps["sparse_upcycling"] * f_moe, "btm": branch_flops + len(names) * steps["btm_continue"] * f_dense,
@@ -363,9 +369,11 @@ def parse_args(argv=None):
     ap.add_argument("--seed-steps", type=int, default=1500)
     ap.add_argument("--seed-lr", type=float, default=3e-3)
     ap.add_argument("--expert-steps", type=int, default=300)
-    ap.add_argument("--ft-steps", type=int, default=150)
+    ap.add_argument("--ft-steps", type=int, default=450)
     ap.add_argument("--lr", type=float, default=3e-3, help="branch (expert) learning rate")
-    ap.add_argument("--ft-lr", type=float, default=1e-3, help="MoE finetuning / continued-training learning rate")
+    ap.add_argument("--ft-lr", type=float, default=2e-3, help="MoE finetuning / continued-training learning rate")
+    ap.add_argument("--router-init", choices=("normal", "hidden"), default="normal",
+                    help="BTX router: a new N(0, 0.02) layer (the paper) or mergekit-moe's hidden-state init from domain text")
     ap.add_argument("--max-parallel", type=int, default=3, help="expert processes at once")
     ap.add_argument("--expert-threads", type=int, default=1)
     ap.add_argument("--plateau-max", type=float, default=0.01, help="seed gate: largest relative held-out loss gain over the last fifth")
@@ -465,7 +473,7 @@ def run_tiny(a, work: Path, res_dir: Path, results: dict) -> None:
         results["goals"] = goals(results["tiny"], gates)
         return
     cfg = {"expert_steps": a.expert_steps, "ft_steps": a.ft_steps, "batch": a.batch, "seq_len": a.seq_len, "lr": a.lr,
-           "ft_lr": a.ft_lr, "domain_blocks": a.domain_blocks, "mixture_alpha": a.mixture_alpha}
+           "ft_lr": a.ft_lr, "domain_blocks": a.domain_blocks, "mixture_alpha": a.mixture_alpha, "router_init": a.router_init}
     for i in range(a.seeds):
         seed = a.seed + i
         heat = {"btx": res_dir / "btx_routing.png", "sparse_upcycling": res_dir / "btx_routing_upcycling.png"} if i == 0 else None
