@@ -4,7 +4,7 @@ Domains (real text): ``wiki`` = WikiText-2 articles (valid + test, split by titl
 SciFact's biomedical abstracts, ``code`` = this Python's standard-library sources (document-level
 hash splits).  Every figure is a held-out perplexity per domain.  The mixture (seed, dense, MoE
 finetuning) gives domain ``d`` a share ~ blocks_d ** ``--mixture-alpha`` (0.5: temperature
-sampling, so the short wiki domain repeats ~1.7x and no domain dominates).
+sampling, so the short wiki domain repeats ~1.6x and no domain dominates).
 
 Part 1 (tiny): a byte-level BPE of ``--vocab`` tokens trained on the three domains' training
 text, so that a small Llama spends its compute in its blocks (where the experts are), not in
@@ -18,7 +18,8 @@ a 49k-token output layer.  Then:
 
    - **experts**: one per domain, each trained in its own process (``tessera.btx.branch``);
      **expert gate**: each beats the seed on its own domain by >= 20% perplexity;
-   - **BTX**: ``mix_experts`` (top-2, router N(0, 0.02); attention, embeddings and norms
+   - **BTX**: ``mix_experts`` (top-2, a new router N(0, 0.02) as in the paper, or mergekit-moe's
+     hidden-state init with ``--router-init hidden``; attention, embeddings and norms
      averaged) + MoE finetuning on the mixture with the BTX load-balancing loss (alpha 0.01);
    - **dense**: the seed trained further on the mixture for the same total FLOPs;
    - **sparse upcycling**: the seed's FFN copied once per domain, the whole budget spent on
@@ -37,7 +38,7 @@ experts (mergekit only from a separate venv, ``--mergekit-python``; reported abs
 
 Writes benchmarks/results/btx.json (``goals``, gates, per-seed and mean perplexities, FLOPs
 accounting, wall time, load) and btx_routing.png / btx_routing_upcycling.png / btx_seed.png.
-Default run about 30 minutes on 2 cores; ``--quick`` for iterating.
+Default run about 27 minutes on 2 cores (a cached seed saves 3); ``--quick`` for iterating.
 Usage: python benchmarks/btx.py [--quick] [--threads 2]
 """
 
@@ -159,9 +160,9 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
 
     prompts = None
     if cfg.get("router_init", "normal") == "hidden":  # mergekit-moe's gate init, from each expert's training text
-        from tessera.btx.data import domain_texts
+        from tessera.btx.data import _spread, domain_texts
 
-        prompts = [[t[:2000] for t in domain_texts(d)[0][:64]] for d in domains]
+        prompts = [[t[:2000] for t in _spread(domain_texts(d)[0], seed)[:64]] for d in domains]
     rep = mix_experts(experts, work / "btx-mixed", experts_per_token=2, router_init=cfg.get("router_init", "normal"),
                       router_prompts=prompts, seed=seed, overwrite=True)
     moe = load(work / "btx-mixed", moe=True)
@@ -528,7 +529,7 @@ def run_smollm2(a, work: Path, res_dir: Path, results: dict) -> None:
     for d in domains:
         s_train[d.name], s_held[d.name] = domain_blocks(d, tok, a.smollm2_seq_len, 8 * a.smollm2_steps, a.smollm2_eval_blocks, seed=a.seed)
     cfg = {"expert_steps": a.smollm2_steps, "ft_steps": a.smollm2_ft_steps, "batch": 2, "seq_len": a.smollm2_seq_len, "lr": 1e-4,
-           "ft_lr": 1e-4, "domain_blocks": 8 * a.smollm2_steps}
+           "ft_lr": 1e-4, "domain_blocks": 8 * a.smollm2_steps, "mixture_alpha": a.mixture_alpha, "router_init": a.router_init}
     results["smollm2"] = run_pipeline("smollm2", smol, work / "smollm2", a, (s_train, s_held), cfg, a.seed,
                                       {"btx": res_dir / "btx_routing_smollm2.png"})
     results["smollm2"]["heatmap"] = "benchmarks/results/btx_routing_smollm2.png"

@@ -3,7 +3,6 @@ training mixture (domain shares ~ blocks**alpha)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,8 @@ def test_scifact_domain_is_the_abstracts():
     assert title and len(abstract) > 200
 
 
-def test_mixture_shares_follow_alpha():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_mixture_shares_follow_alpha(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from btx import mixture_of
 
     train = {"a": torch.full((10, 4), 0), "b": torch.full((90, 4), 1)}

@@ -3,7 +3,10 @@
 A domain is written ``name:source`` (in configs and on the command line).  ``source`` is
 
 - ``wikitext2``: WikiText-2 from the shared data: the articles of ``valid.txt`` and
-  ``test.txt`` (the two files share no article), split per article by its title;
+  ``test.txt`` (the two files share no article), split per article by a hash of its title
+  (the 16 articles titled only ``<unk>`` / ``<unk> <unk>`` share two keys, both in training).
+  Until testbed v3 this source trained on ``valid.txt`` and held out ``test.txt``: experts
+  branched before then have seen 6 of today's 11 held-out articles;
 - ``scifact``: SciFact's 5,183 biomedical abstracts (title + abstract) from the shared
   data (``ir/scifact/corpus.csv``);
 - ``mmlu``: MMLU questions from the shared data formatted as ``Question/A-D/Answer``
@@ -14,8 +17,8 @@ A domain is written ``name:source`` (in configs and on the command line).  ``sou
   which would make the domain mostly machine-written and trivially predictable);
 - a ``.jsonl`` / ``.txt`` / ``.md`` / ``.rst`` file or a folder of them (:func:`tessera.data.load_corpus`).
 
-Sources without a held-out file of their own are split per document by a hash of the
-document id (``heldout_fraction``), so the split never depends on file order or on
+Sources other than ``mmlu`` are split per document by a hash of the document id (the
+title for ``wikitext2``; ``heldout_fraction``), so the split never depends on file order or on
 which other domains are present.  Each split's documents are tokenized, joined with
 EOS and cut into ``seq_len`` blocks (the BTX paper trains on packed sequences).
 """
