@@ -38,7 +38,7 @@ experts (mergekit only from a separate venv, ``--mergekit-python``; reported abs
 
 Writes benchmarks/results/btx.json (``goals``, gates, per-seed and mean perplexities, FLOPs
 accounting, wall time, load) and btx_routing.png / btx_routing_upcycling.png / btx_seed.png.
-Default run about 27 minutes on 2 cores (a cached seed saves 3); ``--quick`` for iterating.
+Default run about 19 minutes on 2 cores (a cached seed saves 2); ``--quick`` for iterating.
 Usage: python benchmarks/btx.py [--quick] [--threads 2]
 """
 
@@ -357,7 +357,7 @@ def parse_args(argv=None):
     ap.add_argument("--work", default="/tmp/tessera-btx-bench", help="folder for checkpoints (reuses a seed trained with the same settings)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the seed model (and first comparison seed)")
     ap.add_argument("--seeds", type=int, default=3, help="comparison seeds (branch/mix/finetune), each from the same seed model")
-    ap.add_argument("--vocab", type=int, default=2048, help="BPE trained on the domains' training text")
+    ap.add_argument("--vocab", type=int, default=512, help="BPE trained on the domains' training text")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
