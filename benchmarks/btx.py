@@ -108,9 +108,9 @@ def mixture_of(train: dict, alpha: float = 1.0) -> torch.Tensor:
     ``sum(n)`` blocks (``n_d`` = its training blocks; a short domain's blocks repeat, a long
     one's are cut).  ``alpha`` 1 = every block once (natural), 0 = every domain equally (as
     BTM's seed phase draws domains), 0.5 = the temperature sampling of multilingual LMs."""
-    sizes = {n: len(b) for n, b in train.items()}
     if alpha == 1.0:
         return torch.cat(list(train.values()))
+    sizes = {n: len(b) for n, b in train.items()}
     weights = {n: k ** alpha for n, k in sizes.items()}
     total, norm = sum(sizes.values()), sum(weights.values())
     parts = []
@@ -158,12 +158,12 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
     experts, infos, branch_s = branch_stage(tag, seed_dir, work, a, cfg, domains, seed)
     branch_flops = sum(i["train_flops"] for i in infos)
 
-    prompts = None
-    if cfg.get("router_init", "normal") == "hidden":  # mergekit-moe's gate init, from each expert's training text
+    router_init, prompts = cfg.get("router_init", "normal"), None
+    if router_init == "hidden":  # mergekit-moe's gate init, from each expert's training text
         from tessera.btx.data import _spread, domain_texts
 
         prompts = [[t[:2000] for t in _spread(domain_texts(d)[0], seed)[:64]] for d in domains]
-    rep = mix_experts(experts, work / "btx-mixed", experts_per_token=2, router_init=cfg.get("router_init", "normal"),
+    rep = mix_experts(experts, work / "btx-mixed", experts_per_token=2, router_init=router_init,
                       router_prompts=prompts, seed=seed, overwrite=True)
     moe = load(work / "btx-mixed", moe=True)
     f_moe = flops_per_step(moe.config, cfg["seq_len"], cfg["batch"])
@@ -191,7 +191,7 @@ def run_pipeline(tag: str, seed_dir: Path, work: Path, a, data, cfg: dict, seed:
     if heatmaps:
         routing_heatmaps(heatmaps, tag, {"btx": btx, "sparse_upcycling": up}, held, names, out)
     out.update({
-        "config": {**cfg, "steps": steps, "router_init": cfg.get("router_init", "normal"), "top_k": 2, "balance": "btx alpha=0.01",
+        "config": {**cfg, "steps": steps, "router_init": router_init, "top_k": 2, "balance": "btx alpha=0.01",
                    "held_out_blocks": {n: int(held[n].shape[0]) for n in names}},
         "flops": {"branch": branch_flops, "btx_finetune": ft.steps * f_moe, "btx_total": budget, "dense": steps["dense"] * f_dense,
                   "sparse_upcycling": steps["sparse_upcycling"] * f_moe, "btm": branch_flops + len(names) * steps["btm_continue"] * f_dense,
