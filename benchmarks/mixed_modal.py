@@ -432,6 +432,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--caption-first", type=float, default=0.6,
                     help="share of image-caption pairs in generation order (Transfusion: 0.8); the rest teach captioning")
+    ap.add_argument("--captions", default="sentences", choices=("sentences", "short"),
+                    help="caption templates: sentences (46-token sequences) or one or two words (30 tokens, 1.5x faster)")
     ap.add_argument("--sample-per-class", type=int, default=4)
     ap.add_argument("--caption-eval", type=int, default=100)
     ap.add_argument("--sample-steps", type=int, default=50, help="DDPM sampling steps for generation accuracy")
@@ -443,12 +445,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Chameleon setting)")
     ap.add_argument("--digit-tokens", default="patches", choices=("patches", "pixels"),
                     help="Chameleon image tokens: 16 codes of 2x2 patches (k-means codebook) or the 64 pixel values")
+    ap.add_argument("--digit-codes", type=int, default=256, help="Chameleon patches: entries of the k-means codebook")
     ap.add_argument("--lr-transfusion", type=float, default=1e-3,
                     help="the Transfusion setting's peak learning rate (at 3e-3 the d64 model never learns to read its patches)")
     ap.add_argument("--prediction-type", default="v_prediction", choices=("epsilon", "v_prediction"), help="Transfusion: epsilon (the paper) or v_prediction")
     ap.add_argument("--cond-dropout", type=float, default=0.1, help="Transfusion: captions dropped for classifier-free guidance")
     ap.add_argument("--diffusion-lambda", type=float, default=5.0, help="Transfusion: weight of the diffusion loss (paper: 5)")
     ap.add_argument("--snr-gamma", type=float, default=0.0, help="Transfusion: diffusion-loss weight min(1, gamma / SNR), Min-SNR clipping of low-noise steps (0 = off)")
+    ap.add_argument("--understanding-max-t", type=int, default=500, help="Transfusion: noise cap of image-first pairs' images")
+    ap.add_argument("--understanding-diffusion", type=int, default=1, choices=(0, 1),
+                    help="Transfusion: 1 = image-first pairs' images also get the diffusion loss (the paper), 0 = they only condition the caption")
     ap.add_argument("--guidance", type=float, default=5.0, help="Transfusion: classifier-free guidance scale for generation")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=12, help="validation batches per evaluation (more = a smoother curve)")
@@ -497,12 +503,14 @@ def main() -> None:
                 batch_size=args.batch_size, eval_every=args.eval_every, eval_batches=args.eval_batches, ckpt_every=10**9, log_every=50,
                 sample_per_class=args.sample_per_class, n_caption_eval=args.caption_eval, sample_steps=args.sample_steps,
                 classifier_steps=args.classifier_steps, lr=args.lr, warmup_steps=min(max(20, args.steps // 50), args.steps // 4),
-                augment_shift=1, augment_gain=0.3, caption_first=args.caption_first, threads=args.threads,
+                augment_shift=1, augment_gain=0.3, caption_first=args.caption_first, captions=args.captions, threads=args.threads,
                 device=args.device, distributed="none")
     # the Transfusion setting's own optimisation and sampling (see the module docstring)
-    per_setting = {"chameleon": {"digit_tokens": args.digit_tokens}, "transfusion": {"lr": args.lr_transfusion, "prediction_type": args.prediction_type,
+    per_setting = {"chameleon": {"digit_tokens": args.digit_tokens, "digit_codes": args.digit_codes}, "transfusion": {"lr": args.lr_transfusion, "prediction_type": args.prediction_type,
                                                      "cond_dropout": args.cond_dropout, "guidance_scale": args.guidance,
-                                                     "diffusion_lambda": args.diffusion_lambda, "snr_gamma": args.snr_gamma}}
+                                                     "diffusion_lambda": args.diffusion_lambda, "snr_gamma": args.snr_gamma,
+                                                     "understanding_max_t": args.understanding_max_t,
+                                                     "understanding_diffusion": bool(args.understanding_diffusion)}}
     results: dict = {
         "benchmark": "mixed_modal", "machine": {**machine(), "device": dev,
                                                 "gpu": torch.cuda.get_device_name(0) if dev.startswith("cuda") else None},
@@ -526,9 +534,10 @@ def main() -> None:
                 "gate_passed": bool(run["plateau"] <= PLATEAU and not run["overfit"]["flag"]
                                     and (run["generation_causal"] or 0) >= GEN_GATE and (run["captioning_causal"] or 0) >= CAP_GATE)}
             print(f"probe {setting}: " + json.dumps(probe), flush=True)
-            key = f"{setting}_{args.d_model}x{args.layers}_steps{args.steps}_capfirst{args.caption_first:g}"
-            key += (f"_{args.prediction_type}_lr{args.lr_transfusion:g}_lambda{args.diffusion_lambda:g}_cfg{args.guidance:g}"
-                    if setting == "transfusion" else f"_{args.digit_tokens}")
+            key = f"{setting}_{args.d_model}x{args.layers}_steps{args.steps}_capfirst{args.caption_first:g}_{args.captions}"
+            key += ((f"_{args.prediction_type}_lr{args.lr_transfusion:g}_lambda{args.diffusion_lambda:g}_cfg{args.guidance:g}"
+                     f"_umaxt{args.understanding_max_t}_udiff{args.understanding_diffusion}")
+                    if setting == "transfusion" else f"_{args.digit_tokens}{args.digit_codes}_lr{args.lr:g}")
             old.setdefault("gate_probe", {})[key] = {**probe, "machine": results["machine"], "config": sbase,
                                                      "command": " ".join(sys.argv), "curve": run["curve"]}
             write_json(old, out_path)

@@ -116,3 +116,40 @@ def test_snr_weighting_changes_the_training_loss_not_the_reported_mse():
     a, b = lm(batch, generator=torch.Generator().manual_seed(0)), w_lm(batch, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a["image_loss"], b["image_loss"])
     assert not torch.isclose(a["model_loss"], b["model_loss"])
+
+
+def test_understanding_images_leave_the_diffusion_loss_when_asked():
+    data = tiny_data("transfusion")
+    data.caption_first, data.text_fraction = 0.0, 0.0  # every pair image-first (captioning)
+    batch = tiny_batch(data)
+    assert bool(batch["understanding"].all())
+    lm = tiny_lm("transfusion", data=data)
+    off = MixedModalLM(lm.cfg, "transfusion", understanding_diffusion=False)
+    off.load_state_dict(lm.state_dict())
+    g = torch.Generator().manual_seed(0)
+    out_on = lm(batch, generator=g)
+    assert float(out_on["image_loss"]) > 0
+    out_off = off(batch, generator=torch.Generator().manual_seed(0))
+    assert float(out_off["image_loss"]) == 0.0
+    torch.testing.assert_close(out_off["text_loss"], out_on["text_loss"])  # the caption's loss is untouched
+    out_off["loss"].backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in off.model.patch_out.parameters())
+    assert float(off.model.patch_in.weight.grad.abs().sum()) > 0  # the caption still reads the patches
+
+
+def test_short_captions_shorten_the_sequence_and_name_the_digit():
+    from mm_helpers import TEXT_DOC
+
+    from tessera.data.mixed_modal import SHORT_CAPTION_TEMPLATES, MixedModalData, caption_for, parse_digit, text_stream
+    from tessera.errors import InputError
+    from tessera.recipes.mixed_modal_pretrain import Config, build_data
+
+    for t in SHORT_CAPTION_TEMPLATES:
+        assert [parse_digit(caption_for(d, t)) for d in range(10)] == list(range(10))
+    data_long = tiny_data("transfusion")
+    data_short = MixedModalData("transfusion", data_long.images, data_long.labels, text_stream([TEXT_DOC]), patch_size=4,
+                                templates=SHORT_CAPTION_TEMPLATES)
+    # BOS BOI image EOI caption EOS: 9-byte captions at most ("the seven") instead of 25 ("a handwritten digit seven")
+    assert (data_short.seq_len, data_long.seq_len) == (5 + data_long.image_len + 9, 5 + data_long.image_len + 25)
+    with pytest.raises(InputError, match="captions=short"):
+        build_data(Config(setting="transfusion", captions="tiny"))

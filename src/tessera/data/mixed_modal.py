@@ -38,6 +38,10 @@ CAPTION_TEMPLATES = (
     "this is a {digit}",
     "{word}, written by hand",
 )
+# one- and two-word captions: 9 bytes at most (the sentences above: 26), so a sequence is 30 tokens instead of 46
+# and a CPU testbed trains 1.5x more sequences per second; the caption still names the digit
+SHORT_CAPTION_TEMPLATES = ("{word}", "{digit}", "a {word}", "digit {digit}", "the {word}")
+CAPTION_STYLES = {"sentences": CAPTION_TEMPLATES, "short": SHORT_CAPTION_TEMPLATES}
 _DIGIT_RE = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r")\b|(\d)")
 
 

@@ -9,6 +9,9 @@
   bidirectional attention inside each image.  One timestep per image; when the image comes before
   its caption (understanding), noise is limited to ``t < understanding_max_t`` (Transfusion caps the
   noise at t = 500 for part of its image-captioning examples; here for every image-first pair).
+  ``understanding_diffusion=False`` leaves those images out of the diffusion loss: they only condition
+  their caption, whose LM loss then alone teaches the model to read patches (at d64 the diffusion loss
+  of the nearly unpredictable low-noise targets otherwise drowns it, and captioning stays at chance).
 
 Auxiliary terms: ``aux_coef *`` mean auxiliary-router BCE (MoMa section 2.4; the routers see detached
 inputs, so this term trains only them) and ``lb_coef *`` mean load-balancing loss (token choice,
@@ -35,7 +38,7 @@ class MixedModalLM(nn.Module):
     def __init__(self, cfg: MixedModalConfig, setting: str = "chameleon", diffusion_lambda: float = 5.0,
                  aux_coef: float = 1.0, lb_coef: float = 0.01, understanding_max_t: int = 500,
                  num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS, prediction_type: str = "epsilon",
-                 snr_gamma: float = 0.0):
+                 snr_gamma: float = 0.0, understanding_diffusion: bool = True):
         super().__init__()
         if setting not in SETTINGS:
             raise ValueError(f"unknown setting {setting!r}; use chameleon or transfusion")
@@ -45,6 +48,7 @@ class MixedModalLM(nn.Module):
         self.understanding_max_t, self.num_train_timesteps = understanding_max_t, num_train_timesteps
         self.model = MixedModalTransformer(cfg)
         self.prediction_type, self.snr_gamma = prediction_type, snr_gamma
+        self.understanding_diffusion = understanding_diffusion
         self.scheduler = D.make_scheduler(num_train_timesteps, prediction_type) if setting == "transfusion" else None
 
     @property
@@ -86,6 +90,8 @@ class MixedModalLM(nn.Module):
             text_idx = torch.nonzero(valid, as_tuple=False).squeeze(1)
             logits = self.model.lm_head(hf[text_idx])
             lm = F.cross_entropy(logits.float(), targets.reshape(-1)[text_idx]) if text_idx.numel() else hf.sum() * 0
+            if not self.understanding_diffusion:  # image-first images only condition their caption
+                img = img & ~batch["understanding"][:, None].expand(B, T).reshape(-1)
             eps = self.model.patch_out(hf[img])
             t_img = t_tok.reshape(-1)[img]
             target = D.diffusion_target(self.scheduler, xf[img], nf[img], t_img)

@@ -72,6 +72,7 @@ class Config:
     patch_positions: bool = True  # transfusion: learned position embedding of each patch (ViT / DiT), beside RoPE
     text_fraction: float = 0.25  # share of text-only sequences
     caption_first: float = 0.8  # Transfusion: 80% of pairs caption first
+    captions: str = "sentences"  # caption templates: sentences ("a handwritten digit seven") | short ("seven", "digit 7")
     # transfusion: share of caption-first pairs whose caption is dropped (BOS BOI image EOI EOS), so that sampling can
     # use classifier-free guidance at guidance_scale (eps_u + s * (eps_c - eps_u)); chameleon ignores both
     cond_dropout: float = 0.1
@@ -90,6 +91,10 @@ class Config:
     vq_steps: int = 800
     # objective
     diffusion_lambda: float = 5.0  # Transfusion lambda
+    # transfusion, image-first (captioning) pairs: noise capped at t < understanding_max_t (Transfusion: 500 for part of
+    # them), and whether their image also gets the diffusion loss (false: the image only conditions its caption)
+    understanding_max_t: int = 500
+    understanding_diffusion: bool = True
     # transfusion: what the network predicts, epsilon (Transfusion) or v_prediction (v = sqrt(abar) eps - sqrt(1-abar) x0)
     prediction_type: str = "epsilon"
     snr_gamma: float = 0.0  # transfusion: diffusion-loss weight min(1, gamma / SNR) (Min-SNR, Hang et al. 2023: 5); 0 = off
@@ -159,12 +164,14 @@ def _text_docs(cfg: Config) -> tuple[list[str], list[str], str]:
 
 def build_data(cfg: Config, dump: Path | None = None):
     """``(train_data, val_data, train_idx, val_idx, codes_to_images, info)``; trains/loads the VQ tokenizer for MNIST."""
-    from tessera.data.mixed_modal import MixedModalData, load_image_set, split_indices, text_stream
+    from tessera.data.mixed_modal import CAPTION_STYLES, MixedModalData, load_image_set, split_indices, text_stream
     from tessera.data.paths import shared_data_dir
     from tessera.errors import InputError
 
     if cfg.setting not in ("chameleon", "transfusion"):
         raise InputError(f"unknown setting {cfg.setting!r}; use setting=chameleon or setting=transfusion")
+    if cfg.captions not in CAPTION_STYLES:
+        raise InputError(f"unknown captions {cfg.captions!r}; use captions=sentences or captions=short")
     if cfg.digit_tokens not in ("pixels", "patches"):
         raise InputError(f"unknown digit_tokens {cfg.digit_tokens!r}; use digit_tokens=pixels or digit_tokens=patches")
     mnist_dir = cfg.mnist_dir or (str(shared_data_dir() / "mnist") if shared_data_dir() else None)
@@ -178,7 +185,7 @@ def build_data(cfg: Config, dump: Path | None = None):
         codes, n_codes, codes_to_images, encode = _image_tokens(cfg, images, train_idx, val_idx, dump, info)
     patch = cfg.patch_size or (2 if cfg.dataset == "digits" else 4)
     common = dict(codes=codes, n_image_codes=n_codes, patch_size=patch, text_fraction=cfg.text_fraction,
-                  caption_first=cfg.caption_first)
+                  caption_first=cfg.caption_first, templates=CAPTION_STYLES[cfg.captions])
     train = MixedModalData(cfg.setting, images, labels, text_stream(train_docs), augment_shift=cfg.augment_shift,
                            augment_gain=cfg.augment_gain, encode=encode,
                            cond_dropout=cfg.cond_dropout if cfg.setting == "transfusion" else 0.0, **common)
@@ -320,7 +327,8 @@ def _build_model(cfg: Config, info, train_data):
     mcfg = model_config(cfg, train_data.vocab.size, train_data.patch_dim, train_data.image_len)
     lm = MixedModalLM(mcfg, cfg.setting, diffusion_lambda=cfg.diffusion_lambda, aux_coef=cfg.aux_coef,
                       lb_coef=cfg.lb_coef, prediction_type=cfg.prediction_type,
-                      snr_gamma=cfg.snr_gamma).to(info.device)
+                      snr_gamma=cfg.snr_gamma, understanding_max_t=cfg.understanding_max_t,
+                      understanding_diffusion=cfg.understanding_diffusion).to(info.device)
     # wrapped before the optimizer is built: FSDP2 replaces the parameters (DTensors) in place
     model = wrap_model(lm, info, cfg.distributed, blocks=list(lm.model.layers))
     core = unwrap(model)
