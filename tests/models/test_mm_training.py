@@ -144,3 +144,19 @@ def test_cli_rejects_unknown_variant(tmp_path):
 
     r = run_cli("run", "mixed-modal-pretrain", "variant=nope", f"dump_dir={tmp_path / 'x'}")
     assert r.returncode == 2 and "unknown variant" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_recipe_stops_at_the_first_evaluation_that_reaches_every_target(tmp_path):
+    from tessera.recipes.mixed_modal_pretrain import main
+
+    # reachable targets (losses start near 5-6 nats): stop at the first evaluation after step 0, step 2 of 8
+    out = main(_cfg(tmp_path, steps=8, stop_text_loss=50.0, stop_image_loss=50.0, stop_model_loss=50.0, final_eval=False))
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 2 and res["stopped_at_match"] is True
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 2 and (out / "checkpoint" / "model.safetensors").is_file()
+    # one unreachable target keeps it going to the end
+    out = main(_cfg(tmp_path, steps=4, stop_text_loss=50.0, stop_image_loss=1e-6, final_eval=False,
+                    dump_dir=str(tmp_path / "run2")))
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 4 and res["stopped_at_match"] is False

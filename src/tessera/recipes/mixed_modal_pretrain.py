@@ -108,6 +108,11 @@ class Config:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # stop once an evaluation (batch routing) reaches every one of these validation losses (0 = not a target): the
+    # run up to there is the same run (the schedule stays that of ``steps``); benchmarks use it for "steps to match"
+    stop_text_loss: float = 0.0
+    stop_image_loss: float = 0.0
+    stop_model_loss: float = 0.0
     # logging, evaluation, checkpoints
     log_every: int = 10
     eval_every: int = 50
@@ -372,24 +377,32 @@ def _train(cfg: Config, info, mcfg, model, core, opt, state, train_data, train_i
     def get_batch(step: int) -> dict:
         return train_data.batch(cfg.batch_size, np.random.default_rng([cfg.seed, info.rank, step]), train_idx)
 
-    def run_eval(step: int) -> None:
+    targets = {k: v for k, v in (("val_text_loss", cfg.stop_text_loss), ("val_image_loss", cfg.stop_image_loss),
+                                 ("val_model_loss", cfg.stop_model_loss)) if v > 0}
+
+    def run_eval(step: int) -> bool:
+        """Evaluate under every routing; ``True`` when the batch routing reached every stop target."""
+        reached = False
         for r in routings:
             row = mean_val_losses(core, val_batches, info.device, cfg.seed, routing=r)
             if dump:
                 dump.log(kind="eval", step=step, flops=state.flops, tokens=state.tokens, routing=r, **row)
+            if r == "batch" and targets:
+                reached = all(row[k] <= v for k, v in targets.items())
+        return reached
 
     bar = ui.progress()
     task = bar.add_task(f"{cfg.setting}/{cfg.variant}", total=cfg.steps, completed=state.step)
 
-    def on_step(st: LoopState, logs: dict, dt: float) -> None:
+    def on_step(st: LoopState, logs: dict, dt: float) -> bool:
         bar.update(task, completed=st.step)
         if dump and (st.step % cfg.log_every == 0 or st.step in (1, cfg.steps)):
             dump.log(kind="train", step=st.step, flops=st.flops, tokens=st.tokens, step_s=round(dt, 4),
                      lr=opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in logs.items()})
-        if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
-            run_eval(st.step)
-        if st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
+        stop = (st.step % cfg.eval_every == 0 or st.step == cfg.steps) and run_eval(st.step) and st.step < cfg.steps
+        if stop or st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
             save_checkpoint(ckpt, model, opt, st, {"model_config": mcfg.to_dict()}, info.is_main)
+        return stop
 
     if state.step == 0:
         run_eval(0)
@@ -415,7 +428,7 @@ def _run_summary(cfg: Config, info, mcfg, core, state, train_data, val_batches, 
                      "model_config": mcfg.to_dict(), "classifier_val_accuracy": round(clf_acc, 4),
                      "train_flops_per_token": {m: 3 * forward_flops_per_token(mcfg, train_data.seq_len, i, cfg.setting)
                                                for m, i in (("text", TEXT), ("image", IMAGE))},
-                     "steps": state.step, "train_flops": state.flops, "train_tokens": state.tokens,
+                     "steps": state.step, "stopped_at_match": state.step < cfg.steps, "train_flops": state.flops, "train_tokens": state.tokens,
                      "world_size": info.world_size}
     times = state.step_times[5:] or state.step_times
     results["median_step_s"] = float(np.median(times)) if times else None

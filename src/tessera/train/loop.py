@@ -111,13 +111,13 @@ class LoopState:
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, get_batch: Callable[[int], dict], steps: int,
                state: LoopState, info: DistInfo, flops_fn: Callable[[dict], float] | None = None,
                lr_fn: Callable[[int], float] | None = None, grad_clip: float = 1.0,
-               on_step: Callable[[LoopState, dict, float], None] | None = None) -> LoopState:
+               on_step: Callable[[LoopState, dict, float], bool | None] | None = None) -> LoopState:
     """Run steps ``state.step .. steps - 1``.
 
     Each step: ``batch = get_batch(step)`` (this rank's batch), ``model(batch)["loss"]`` backward,
     clip, optimizer step.  ``flops_fn(batch)`` is this rank's training FLOPs; the state counts the
     global total (x world size).  ``on_step(state, logs, seconds)`` runs after each step with the
-    float values of the model's output dict.
+    float values of the model's output dict; when it returns ``True`` the loop stops after that step.
     """
     model.train()
     cuda = info.device.startswith("cuda")
@@ -144,8 +144,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, get_batch: Ca
         state.tokens += int(batch["tokens"].numel()) * info.world_size
         if flops_fn is not None:
             state.flops += flops_fn(batch) * info.world_size
-        if on_step is not None:
-            on_step(state, {k: float(v.detach()) for k, v in out.items()}, dt)
+        if on_step is not None and on_step(state, {k: float(v.detach()) for k, v in out.items()}, dt):
+            break
     return state
 
 
