@@ -152,12 +152,13 @@ def param_counts(model_config: dict) -> dict:
 
     m = MixedModalTransformer(MixedModalConfig(**model_config))
     total = m.num_params()
-    inactive = 0
+    other = set()  # untied by modality: the other modality's copy (MoT) or expert group (MoMa)
     for mod in m.modules():
-        if isinstance(mod, PerModality) and len(mod.mods) > 1:  # untied by modality: the other modality's copy
-            inactive += sum(p.numel() for p in mod.mods[1].parameters())
-    for mod in m.modules():
-        if isinstance(mod, _Experts):
+        if isinstance(mod, PerModality) and len(mod.mods) > 1:
+            other |= {id(p) for p in mod.mods[1].parameters()}
+    inactive = sum(p.numel() for p in m.parameters() if id(p) in other)
+    for mod in m.modules():  # the token's own expert group: one expert of n
+        if isinstance(mod, _Experts) and not any(id(p) in other for p in mod.parameters()):
             n = mod.w1.shape[0]
             inactive += sum(p.numel() for p in mod.parameters()) * (n - 1) // n
     return {"total": total, "active": total - inactive}

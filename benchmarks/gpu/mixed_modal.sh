@@ -19,7 +19,7 @@ if [ "$SMOKE" = 1 ]; then
     ARGS=(--smoke --device cpu --threads 1)
 else
     ARGS=(--steps "${STEPS:-1500}" --d-model "${D_MODEL:-256}" --layers "${LAYERS:-6}" --heads 8 --batch-size "${BATCH:-128}"
-          --lr 1e-3 --eval-every 100 --seeds "${SEEDS:-0,1,2}" --candidates "" --threads 4 --device cuda
+          --lr 1e-3 --lr-transfusion 1e-3 --eval-every 100 --seeds "${SEEDS:-0,1,2}" --candidates "" --threads 4 --device cuda
           --sample-steps 100 --caption-eval 200)
 fi
 pids=()

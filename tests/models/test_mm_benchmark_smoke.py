@@ -41,3 +41,18 @@ def test_unknown_phase_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed_modal.py"), "--smoke", "--phases", "mot,grid",
                            "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown --phases" in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_active_parameters_count_one_expert_of_the_tokens_own_group():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mixed_modal import param_counts
+
+    from tessera.models.decoder import MixedModalConfig
+
+    base = MixedModalConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4).to_dict()
+    dense = param_counts({**base, "variant": "dense"})
+    assert dense["active"] == dense["total"]
+    assert param_counts({**base, "variant": "mot"})["active"] == dense["total"]  # one modality's copy
+    for k in (1, 2, 4):  # MoMa: the other group is idle, and one expert of the own group runs (plus routers)
+        moma = param_counts({**base, "variant": "moma", "n_text_experts": k, "n_image_experts": k})
+        assert dense["total"] <= moma["active"] < 1.1 * dense["total"] < moma["total"]
