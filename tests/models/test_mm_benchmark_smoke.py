@@ -56,3 +56,27 @@ def test_active_parameters_count_one_expert_of_the_tokens_own_group():
     for k in (1, 2, 4):  # MoMa: the other group is idle, and one expert of the own group runs (plus routers)
         moma = param_counts({**base, "variant": "moma", "n_text_experts": k, "n_image_experts": k})
         assert dense["total"] <= moma["active"] < 1.1 * dense["total"] < moma["total"]
+
+
+def test_two_workers_train_runs_side_by_side_and_stop_at_the_match(tmp_path):
+    """The default CPU path: runs in two spawned processes; MoT gets dense's final losses as stop targets."""
+    out = tmp_path / "mm.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed_modal.py"), "--smoke", "--workers", "2",
+                           "--threads", "2", "--settings", "chameleon", "--phases", "mot", "--runs-dir", str(tmp_path / "runs"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["settings"]["chameleon"]["runs"]
+    assert set(runs) == {"dense_s0", "mot_s0"}
+    dense_last = runs["dense_s0"]["curve"][-1]
+    mot = runs["mot_s0"]
+    from tessera.config import load_config
+    from tessera.recipes.mixed_modal_pretrain import Config
+
+    cfg = load_config(Config, Path(mot["dir"]) / "config.yaml")  # what the MoT run was given
+    assert (cfg.stop_text_loss, cfg.stop_image_loss, cfg.stop_model_loss) == (
+        dense_last["val_text_loss"], dense_last["val_image_loss"], dense_last["val_model_loss"])
+    # stopped at the first evaluation that reached all three of dense's final losses, or ran to the end without
+    last = mot["curve"][-1]
+    reached = all(last[k] <= dense_last[k] for k in ("val_text_loss", "val_image_loss", "val_model_loss"))
+    assert mot["stopped_at_match"] == (mot["steps"] < 12) and (not mot["stopped_at_match"] or reached)
+    assert list((tmp_path / "runs" / "smoke").glob("judge_s0_*.safetensors"))  # the judge, shared by the seed's runs
