@@ -39,7 +39,7 @@ Goals (``goals``): ``dense_plateau`` <= 0.01, ``dense_generation_gate`` >= 0.6,
 ``moma_best_flops_saving`` >= 2, ``mod_inference_flops_saving`` >= 1.3 (at equal quality: MoD's
 validation loss within 1% of dense's), ``mot_wall_per_step_ratio`` <= 1.3.
 
-    python benchmarks/mixed_modal.py            # the default run (about 30 minutes on 2 cores)
+    python benchmarks/mixed_modal.py            # the default run (about 39 minutes on 2 cores: over the 30-minute budget)
     python benchmarks/mixed_modal.py --quick    # the same code, small and short (about 2 minutes)
 """
 
@@ -205,7 +205,7 @@ def run_one(setting: str, name: str, seed: int, base: dict, runs_dir: Path, reus
 def run_all(jobs: dict[str, tuple], workers: int, on_done=None) -> dict[str, dict]:
     """``{key: run_one(*args)}`` for ``jobs = {key: args}``, ``workers`` runs at a time in separate processes
     (``on_done(key, run)`` as each finishes).  Two one-thread runs side by side train 1.48x the steps per second
-    of one run on both cores of this machine (64x2 model, measured), so the default plan fits its budget."""
+    of one run on both cores of this machine (64x2 model, measured)."""
     out: dict[str, dict] = {}
     if workers <= 1 or len(jobs) <= 1:
         for key, args in jobs.items():
@@ -479,7 +479,7 @@ def goals(results: dict, moma_setting: str) -> dict:
 # -- main ---------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small and short: the same code path in about 8 minutes")
+    ap.add_argument("--quick", action="store_true", help="small and short: the same code path in about 2 minutes")
     ap.add_argument("--smoke", action="store_true", help="tiny and very short (one seed, about a minute): checks the path, "
                     "measures nothing (benchmarks/gpu/mixed_modal.sh --smoke; tested)")
     ap.add_argument("--probe", action="store_true",
@@ -631,18 +631,18 @@ def main() -> None:
         write_json(results, out_path)
 
     settings = [s for s in args.settings.split(",") if s]
-    sbase = {s: {**base, **per_setting[s]} for s in settings}
+    bases = {s: {**base, **per_setting[s]} for s in settings}
     if args.workers > 1:  # each run on its share of the threads
-        sbase = {s: {**b, "threads": max(1, args.threads // args.workers)} for s, b in sbase.items()}
+        bases = {s: {**b, "threads": max(1, args.threads // args.workers)} for s, b in bases.items()}
     for s in settings:
         results["settings"][s] = {"runs": {}}
 
-    def done(key: str, run: dict) -> None:  # record each run as it finishes
-        results["settings"][run["setting"]]["runs"][key] = run
+    def done(key: str, run: dict) -> None:  # record each run as it finishes ("mot_s0|chameleon" -> runs["mot_s0"])
+        results["settings"][run["setting"]]["runs"][key.split("|")[0]] = run
         write_json(results, out_path)
 
     def job(setting: str, name: str, seed: int, **over) -> tuple:
-        return (setting, name, seed, {**sbase[setting], **over}, runs_dir, args.reuse)
+        return (setting, name, seed, {**bases[setting], **over}, runs_dir, args.reuse)
 
     def until_match(setting: str, seed: int) -> dict:
         """Stop targets: the same seed's dense final validation losses (--stop-at-match)."""
@@ -653,8 +653,7 @@ def main() -> None:
                 "stop_model_loss": last["val_model_loss"]}
 
     # 1. the gate: dense, every setting and seed
-    run_all({f"dense_s{seed}|{s}": job(s, "dense", seed) for s in settings for seed in seeds}, args.workers,
-            lambda k, r: done(k.split("|")[0], r))
+    run_all({f"dense_s{seed}|{s}": job(s, "dense", seed) for s in settings for seed in seeds}, args.workers, done)
     dense = {}
     for setting in settings:
         S = results["settings"][setting]
@@ -672,18 +671,18 @@ def main() -> None:
     jobs: dict[str, tuple] = {}  # the longest first (MoD), so that the two workers finish together
     if moma:  # MoD with dense's training FLOPs (more steps), for its inference measurement below
         setting = args.moma_setting
-        dcfg = model_config(Config(setting=setting, **sbase[setting]), 1, 0)
+        dcfg = model_config(Config(setting=setting, **bases[setting]), 1, 0)
         T = dense[setting][seeds[0]]["seq_len"]
         mod_ratio = forward_flops_per_token(dcfg, T) / forward_flops_per_token(replace(dcfg, variant="dense_mod"), T)
         jobs[f"dense_mod_s{seeds[0]}|{setting}"] = job(setting, "dense_mod", seeds[0],
-                                                       steps=int(round(sbase[setting]["steps"] * mod_ratio)))
+                                                       steps=int(round(bases[setting]["steps"] * mod_ratio)))
     if "mot" in phases:
         jobs.update({f"mot_s{seed}|{s}": job(s, "mot", seed, **until_match(s, seed)) for s in settings for seed in seeds})
     if moma:
         jobs.update({f"{name}_s{seeds[0]}|{args.moma_setting}": job(args.moma_setting, name, seeds[0],
                                                                      **until_match(args.moma_setting, seeds[0]))
                      for name in MOMA})
-    run_all(jobs, args.workers, lambda k, r: done(k.split("|")[0], r))
+    run_all(jobs, args.workers, done)
     if "mot" in phases:
         for setting in settings:
             S = results["settings"][setting]
@@ -702,17 +701,17 @@ def main() -> None:
         S["moma_grid"] = grid
         best = max(grid, key=lambda n: (grid[n]["flops_saving_total"] or 0.0, -grid[n]["final_total_minus_dense"]))
         run_all({f"{best}_s{seed}|{setting}": job(setting, best, seed, **until_match(setting, seed)) for seed in seeds[1:]},
-                args.workers, lambda k, r: done(k.split("|")[0], r))
+                args.workers, done)
         per = [vs_dense(S["runs"][f"{best}_s{s}"], dense[setting][s]) for s in seeds]
         S["moma_best"] = {"variant": best, "per_seed": per,
                           **{k: spread([m[k] for m in per]) for k in per[0] if k.startswith(("flops_saving", "final_"))}}
         S["mod_inference"] = {"steps_scale_for_equal_training_flops": round(mod_ratio, 4),
-                              **mod_inference(setting, d0, S["runs"][f"dense_mod_s{seeds[0]}"], sbase[setting], device=dev)}
+                              **mod_inference(setting, d0, S["runs"][f"dense_mod_s{seeds[0]}"], bases[setting], device=dev)}
         write_json(results, out_path)
     # 4. wall-clock per step, variants interleaved on the same batches (this process, all its threads)
     for setting in settings:
         if "timing" in phases:
-            results["settings"][setting]["timing"] = timing_phase(setting, ["dense", "mot"], {**sbase[setting], "threads": args.threads},
+            results["settings"][setting]["timing"] = timing_phase(setting, ["dense", "mot"], {**bases[setting], "threads": args.threads},
                                                                   args.timing_steps, args.timing_rounds, dev)
         write_json(results, out_path)
         plot(results, out_path.with_suffix(".png"))
