@@ -47,19 +47,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine, write_json
+from _common import machine, run_all, write_json
+
+from tessera.models.scoring import first_reach, plateau, plateau_endpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,47 +80,6 @@ PLATEAU, OVERFIT, GEN_GATE, CAP_GATE = 0.01, 0.02, 0.6, 0.8
 def eval_curve(run_dir: Path, routing: str = "batch") -> list[dict]:
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return [r for r in rows if r["kind"] == "eval" and r["routing"] == routing]
-
-
-def at(curve: list[dict], x: float, key: str, xkey: str = "step") -> float:
-    """``curve[key]`` at ``x`` (linear interpolation between evaluations)."""
-    for a, b in zip(curve, curve[1:]):
-        if a[xkey] <= x <= b[xkey]:
-            f = (x - a[xkey]) / max(b[xkey] - a[xkey], 1e-12)
-            return a[key] + f * (b[key] - a[key])
-    return curve[-1][key]
-
-
-def first_reach(curve: list[dict], key: str, target: float, x: str) -> float | None:
-    """The ``x`` (step, flops or seconds) where ``curve[key]`` first drops to ``target`` (linear interpolation)."""
-    for a, b in zip(curve, curve[1:]):
-        if b[key] <= target:
-            if a[key] <= target:
-                return float(a[x])
-            f = (a[key] - target) / (a[key] - b[key])
-            return float(a[x] + f * (b[x] - a[x]))
-    return None
-
-
-def plateau_endpoints(curve: list[dict], key: str = "val_model_loss") -> float:
-    """Relative improvement of ``key`` over the last fifth of the run from two evaluations: ``(L(0.8 T) - L(T)) / L(0.8 T)``."""
-    end = curve[-1]["step"]
-    start = at(curve, 0.8 * end, key)
-    return (start - curve[-1][key]) / abs(start)
-
-
-def plateau(curve: list[dict], key: str = "val_model_loss") -> float:
-    """Relative improvement of ``key`` over the last fifth of the run, read off a least-squares line through the
-    evaluations of that fifth: ``-slope * 0.2 T / line(0.8 T)``.  One evaluation moves by up to 2% at this size
-    (the Transfusion image loss most), which decides a 1% gate read from two points; fewer than 3 evaluations in
-    the window fall back to :func:`plateau_endpoints`."""
-    end = curve[-1]["step"]
-    pts = [(r["step"], r[key]) for r in curve if r["step"] >= 0.8 * end - 1e-9]
-    if len(pts) < 3:
-        return plateau_endpoints(curve, key)
-    x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
-    slope, icpt = np.polyfit(x, y, 1)
-    return float(-slope * 0.2 * end / abs(slope * 0.8 * end + icpt))
 
 
 def overfit(curve: list[dict]) -> dict:
@@ -200,26 +159,6 @@ def run_one(setting: str, name: str, seed: int, base: dict, runs_dir: Path, reus
         "overfit": overfit(curve), "curve": curve,
         "curve_aux": eval_curve(run_dir, "aux") or None, "dir": str(run_dir),
     }
-
-
-def run_all(jobs: dict[str, tuple], workers: int, on_done=None) -> dict[str, dict]:
-    """``{key: run_one(*args)}`` for ``jobs = {key: args}``, ``workers`` runs at a time in separate processes
-    (``on_done(key, run)`` as each finishes).  Two one-thread runs side by side train 1.48x the steps per second
-    of one run on both cores of this machine (64x2 model, measured)."""
-    out: dict[str, dict] = {}
-    if workers <= 1 or len(jobs) <= 1:
-        for key, args in jobs.items():
-            out[key] = run_one(*args)
-            if on_done:
-                on_done(key, out[key])
-        return out
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
-        futures = {ex.submit(run_one, *args): key for key, args in jobs.items()}
-        for fut in as_completed(futures):
-            out[futures[fut]] = fut.result()
-            if on_done:
-                on_done(futures[fut], out[futures[fut]])
-    return {key: out[key] for key in jobs}
 
 
 def vs_dense(run: dict, dense: dict) -> dict:
@@ -653,7 +592,7 @@ def main() -> None:
                 "stop_model_loss": last["val_model_loss"]}
 
     # 1. the gate: dense, every setting and seed
-    run_all({f"dense_s{seed}|{s}": job(s, "dense", seed) for s in settings for seed in seeds}, args.workers, done)
+    run_all(run_one, {f"dense_s{seed}|{s}": job(s, "dense", seed) for s in settings for seed in seeds}, args.workers, done)
     dense = {}
     for setting in settings:
         S = results["settings"][setting]
@@ -682,7 +621,7 @@ def main() -> None:
         jobs.update({f"{name}_s{seeds[0]}|{args.moma_setting}": job(args.moma_setting, name, seeds[0],
                                                                      **until_match(args.moma_setting, seeds[0]))
                      for name in MOMA})
-    run_all(jobs, args.workers, done)
+    run_all(run_one, jobs, args.workers, done)
     if "mot" in phases:
         for setting in settings:
             S = results["settings"][setting]
@@ -700,7 +639,7 @@ def main() -> None:
                           "generation": run["generation_causal"], "captioning": run["captioning_causal"]}
         S["moma_grid"] = grid
         best = max(grid, key=lambda n: (grid[n]["flops_saving_total"] or 0.0, -grid[n]["final_total_minus_dense"]))
-        run_all({f"{best}_s{seed}|{setting}": job(setting, best, seed, **until_match(setting, seed)) for seed in seeds[1:]},
+        run_all(run_one, {f"{best}_s{seed}|{setting}": job(setting, best, seed, **until_match(setting, seed)) for seed in seeds[1:]},
                 args.workers, done)
         per = [vs_dense(S["runs"][f"{best}_s{s}"], dense[setting][s]) for s in seeds]
         S["moma_best"] = {"variant": best, "per_seed": per,

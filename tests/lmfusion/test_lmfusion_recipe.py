@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tessera_testing import run_cli
 
 
@@ -47,3 +48,42 @@ def test_recipe_bad_input(tiny_lm_dir, tmp_path):
         run_recipe("lmfusion-train", None, [f"base_model={tiny_lm_dir}", "sampler=euler", f"dump_dir={tmp_path / 'y'}"])
     with pytest.raises(ModelNotFoundError):
         run_recipe("lmfusion-train", None, [f"base_model={tmp_path / 'missing'}", f"dump_dir={tmp_path / 'z'}"])
+
+
+def test_recipe_transfusion_baseline_from_scratch_with_tracking(tiny_lm_dir, tmp_path):
+    """The from-scratch Transfusion baseline: shared modules, re-initialised base, text-only sequences from
+    a corpus's training split, accuracy tracked during training, held-out text perplexity."""
+    dump = tmp_path / "scratch"
+    args = _args(tiny_lm_dir, dump, 4) + ["freeze_text=false", "image_modules=shared", "base_init=random",
+                                          "text_fraction=0.5", "text_sources=docs:python-docs", "track_every=2",
+                                          "track_per_class=1", "track_captions=4", "ppl_blocks=2",
+                                          "understanding_diffusion=false"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((dump / "results.json").read_text())
+    assert res["image_modules"] == "shared" and res["base_init"] == "random" and "text_side" not in res
+    assert res["params"]["trainable"] == res["params"]["image"] + res["params"]["text"]
+    assert res["text_perplexity"]["blocks"] == 2 and res["text_perplexity"]["perplexity"] > 1
+    rows = [json.loads(ln) for ln in (dump / "metrics.jsonl").read_text().splitlines()]
+    track = [r for r in rows if r["kind"] == "track"]
+    assert [r["step"] for r in track] == [2, 4] and track[0]["flops"] < track[1]["flops"]
+    assert all(0.0 <= r["generation_accuracy"] <= 1.0 and 0.0 <= r["understanding_accuracy"] <= 1.0 for r in track)
+    # a re-initialised base: the saved base differs from the folder it was shaped on
+    from safetensors.torch import load_file
+
+    saved = load_file(str(dump / "image_modules" / "base" / "model.safetensors"))
+    orig = load_file(str(next(tiny_lm_dir.glob("*.safetensors"))))
+    k = next(k for k in orig if k.endswith("layers.0.mlp.up_proj.weight"))
+    assert not torch.equal(saved[k], orig[k])
+
+
+@pytest.mark.parametrize("bad,match", [("image_modules=moe", "image_modules"), ("base_init=zeros", "base_init"),
+                                       ("caption_style=haiku", "caption_style"),
+                                       ("image_modules=shared", "freeze_text=false")])
+def test_recipe_rejects_unknown_baseline_options(tiny_lm_dir, tmp_path, bad, match):
+    from tessera.errors import InputError
+    from tessera.recipes import run_recipe
+
+    with pytest.raises(InputError, match=match):
+        run_recipe("lmfusion-train", None, [f"base_model={tiny_lm_dir}", bad, f"dump_dir={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()

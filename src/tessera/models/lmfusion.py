@@ -75,7 +75,8 @@ class LMFusionModel(nn.Module):
     """A frozen Llama-family LM (``self.base``) plus parallel image modules (LMFusion section 3).
 
     ``image_layers[i]`` mirrors ``base.model.layers[i]`` (:class:`~tessera.models.lmfusion_modules.ImageLayer`),
-    ``image_norm`` the final norm; ``special_embed`` holds BOI/EOI, ``time_mlp`` the diffusion-timestep
+    ``image_norm`` the final norm (both ``None`` with ``image_modules="shared"``: the Transfusion baseline, one
+    dense transformer whose text modules also process the image tokens); ``special_embed`` holds BOI/EOI, ``time_mlp`` the diffusion-timestep
     embedding, ``patcher`` the patch embedding in and out.  :meth:`forward` returns hidden states;
     :meth:`text_logits` and :meth:`predict_noise` are the two output heads.
     """
@@ -95,8 +96,11 @@ class LMFusionModel(nn.Module):
         emb = base.get_input_embeddings().weight
         std = float(emb.detach().float().std())
         dtype = torch.float32
-        self.image_layers = nn.ModuleList([ImageLayer(layer) for layer in base.model.layers]).to(dtype)
-        self.image_norm = copy.deepcopy(base.model.norm).to(dtype)
+        if cfg.image_modules == "separate":
+            self.image_layers = nn.ModuleList([ImageLayer(layer) for layer in base.model.layers]).to(dtype)
+            self.image_norm = copy.deepcopy(base.model.norm).to(dtype)
+        else:  # Transfusion: one dense transformer, image tokens through the text modules
+            self.image_layers, self.image_norm = None, None
         self.special_embed = nn.Embedding(2, d).to(device=emb.device)  # BOI, EOI (new rows; the base table is untouched)
         with torch.no_grad():  # new rows start at the mean embedding (as transformers' resize_token_embeddings)
             self.special_embed.weight.copy_(emb.detach().float().mean(0, keepdim=True).expand(2, d))
@@ -105,8 +109,9 @@ class LMFusionModel(nn.Module):
         nn.init.normal_(self.time_mlp[2].weight, std=std / math.sqrt(d))
         nn.init.zeros_(self.time_mlp[2].bias)
         self.patcher = (LinearPatcher if cfg.patcher == "linear" else UNetPatcher)(cfg, d, std).to(emb.device)
-        self.image_layers.to(emb.device)
-        self.image_norm.to(emb.device)
+        if self.image_layers is not None:
+            self.image_layers.to(emb.device)
+            self.image_norm.to(emb.device)
         self.set_freeze_text(cfg.freeze_text)
 
     # -- forward --------------------------------------------------------------------------------
@@ -135,7 +140,8 @@ class LMFusionModel(nn.Module):
         position_embeddings = self.base.model.rotary_emb(x, position_ids=position_ids)
         for i in range(len(self.base.model.layers)):
             x = self._layer(i, x, index, position_embeddings, mask, cache)
-        hidden = _dispatch(self.base.model.norm, self.image_norm, x.reshape(B * T, -1), index).view(B, T, -1)
+        image_norm = self.image_norm if self.image_norm is not None else self.base.model.norm
+        hidden = _dispatch(self.base.model.norm, image_norm, x.reshape(B * T, -1), index).view(B, T, -1)
         return FusionOutput(hidden, index, state, cache)
 
     def _layer(self, i: int, x: torch.Tensor, index: ModalityIndex, position_embeddings, mask, cache) -> torch.Tensor:
@@ -143,8 +149,9 @@ class LMFusionModel(nn.Module):
         attention with RoPE over all tokens, per-modality O, norm and FFN, residuals."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        text, img = self.base.model.layers[i], self.image_layers[i]
+        text = self.base.model.layers[i]
         attn = text.self_attn
+        img = self.image_layers[i] if self.image_layers is not None else _SharedLayer(text)
         B, T, d = x.shape
         xf = x.reshape(B * T, d)
         h = _dispatch(text.input_layernorm, img.input_layernorm, xf, index)
@@ -334,7 +341,7 @@ def _dispatch(text_mod: nn.Module, image_mod: nn.Module, x: torch.Tensor, index:
     input runs the base modules on the very same tensor the base model sees).
     """
     n_text, n_img = index.counts[TEXT], index.counts[IMAGE]
-    if n_img == 0:
+    if n_img == 0 or image_mod is text_mod:
         return text_mod(x)
     if n_text == 0:
         return image_mod(x.to(_param_dtype(image_mod))).to(x.dtype)
@@ -344,6 +351,17 @@ def _dispatch(text_mod: nn.Module, image_mod: nn.Module, x: torch.Tensor, index:
     out[index.idx[TEXT]] = yt
     out[index.idx[IMAGE]] = yi.to(yt.dtype)
     return out
+
+
+class _SharedLayer:
+    """A text layer's modules under :class:`~tessera.models.lmfusion_modules.ImageLayer`'s names (Transfusion:
+    image tokens use the text modules, so :func:`_dispatch` runs each module once over all tokens)."""
+
+    def __init__(self, text_layer: nn.Module):
+        for name in ATTN_PARTS:
+            setattr(self, name, getattr(text_layer.self_attn, name))
+        for name in TEXT_PARTS:
+            setattr(self, name, getattr(text_layer, name))
 
 
 def image_ids_from_modality(modality: torch.Tensor, image_len: int | None = None) -> torch.Tensor:

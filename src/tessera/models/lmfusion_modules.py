@@ -22,6 +22,7 @@ from tessera.errors import InputError
 from tessera.models import diffusion as D
 
 PATCHERS = ("linear", "unet")
+IMAGE_MODULES = ("separate", "shared")  # LMFusion | Transfusion (one dense transformer for both modalities)
 TEXT_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp")  # per text layer, copied for images
 ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")  # per self-attention, copied for images
 
@@ -45,6 +46,7 @@ class LMFusionConfig:
     unet_channels: int = 32
     num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS  # Transfusion: 1000
     freeze_text: bool = True  # LMFusion; False = train the whole pretrained model (baseline)
+    image_modules: str = "separate"  # separate (LMFusion) | shared (Transfusion: image tokens use the text modules)
     vocab_size: int = 0  # the base vocabulary (filled in from the base model)
     hidden_size: int = 0  # filled in from the base model
 
@@ -70,6 +72,11 @@ class LMFusionConfig:
         if self.patch_size < 1 or self.image_height % self.patch_size or self.image_width % self.patch_size:
             raise InputError(f"patch_size {self.patch_size} does not divide the {self.image_height}x{self.image_width} "
                              "images; pick a divisor")
+        if self.image_modules not in IMAGE_MODULES:
+            raise InputError(f"unknown image_modules {self.image_modules!r}; use separate (LMFusion) or shared (Transfusion)")
+        if self.image_modules == "shared" and self.freeze_text:
+            raise InputError("image_modules=shared routes images through the text modules (Transfusion), so they must "
+                             "train: set freeze_text=false")
         if self.layers < 0:
             raise InputError("layers must be >= 0 (0 = every layer of the base model)")
 
@@ -160,4 +167,4 @@ class UNetPatcher(nn.Module):
         return D.patchify(x, self.cfg.patch_size)
 
 
-__all__ = ["ATTN_PARTS", "ImageLayer", "LMFusionConfig", "LinearPatcher", "PATCHERS", "TEXT_PARTS", "UNetPatcher"]
+__all__ = ["ATTN_PARTS", "IMAGE_MODULES", "ImageLayer", "LMFusionConfig", "LinearPatcher", "PATCHERS", "TEXT_PARTS", "UNetPatcher"]

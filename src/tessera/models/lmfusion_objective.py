@@ -38,13 +38,16 @@ class LMFusionLM(nn.Module):
     timestep per image, uniform in ``[0, 1000)`` (cosine schedule), noise capped at
     ``understanding_max_t`` when the image comes before its caption; the LM loss on text targets (with
     frozen text only where it has a gradient, see :func:`trainable_positions`) and the DDPM
-    epsilon-prediction loss on image patches.  ``forward(batch) -> {"loss", "text_loss", "image_loss",
+    epsilon-prediction loss on image patches (``understanding_diffusion=False`` leaves image-first images out
+    of it, as :class:`~tessera.models.objectives.MixedModalLM`: they only condition their caption).  ``forward(batch) -> {"loss", "text_loss", "image_loss",
     "model_loss"}`` as the training loop of :mod:`tessera.train` expects.
     """
 
-    def __init__(self, model: LMFusionModel, diffusion_lambda: float = 5.0, understanding_max_t: int = 500):
+    def __init__(self, model: LMFusionModel, diffusion_lambda: float = 5.0, understanding_max_t: int = 500,
+                 understanding_diffusion: bool = True):
         super().__init__()
         self.model = model
+        self.understanding_diffusion = understanding_diffusion
         self.diffusion_lambda, self.understanding_max_t = diffusion_lambda, understanding_max_t
         self.num_train_timesteps = model.cfg.num_train_timesteps
         self.scheduler = D.make_scheduler(self.num_train_timesteps)
@@ -73,8 +76,11 @@ class LMFusionLM(nn.Module):
             lm = F.cross_entropy(logits.float(), targets.reshape(-1)[rows])
         else:
             lm = hf.sum() * 0.0
-        if bool(img.any()):
-            diff = D.diffusion_loss(self.model.predict_noise(out), noise[img])
+        keep = torch.ones(int(img.sum()), dtype=torch.bool, device=img.device)
+        if not self.understanding_diffusion:  # image-first images only condition their caption
+            keep = (~batch["understanding"].to(img.device)[:, None].expand(B, T)).reshape(-1)[img]
+        if bool(keep.any()):
+            diff = D.diffusion_loss(self.model.predict_noise(out)[keep], noise[img][keep])
         else:
             diff = hf.sum() * 0.0
         loss = lm + self.diffusion_lambda * diff

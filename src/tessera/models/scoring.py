@@ -79,3 +79,48 @@ def drop_metrics_after(path: Path, step: int) -> None:
     from tessera.config import prune_metric_rows
 
     prune_metric_rows(path, lambda r: isinstance(r.get("step"), int) and r["step"] <= step)
+
+
+# -- curves (lists of evaluation rows) -------------------------------------------------------------
+
+def at(curve: list[dict], x: float, key: str, xkey: str = "step") -> float:
+    """``curve[key]`` at ``x`` (linear interpolation between evaluations)."""
+    for a, b in zip(curve, curve[1:]):
+        if a[xkey] <= x <= b[xkey]:
+            f = (x - a[xkey]) / max(b[xkey] - a[xkey], 1e-12)
+            return a[key] + f * (b[key] - a[key])
+    return curve[-1][key]
+
+
+def first_reach(curve: list[dict], key: str, target: float, x: str) -> float | None:
+    """The ``x`` (step, flops or seconds) where ``curve[key]`` first drops to ``target`` (linear interpolation)."""
+    for a, b in zip(curve, curve[1:]):
+        if b[key] <= target:
+            if a[key] <= target:
+                return float(a[x])
+            f = (a[key] - target) / (a[key] - b[key])
+            return float(a[x] + f * (b[x] - a[x]))
+    return None
+
+
+def plateau_endpoints(curve: list[dict], key: str = "val_model_loss") -> float:
+    """Relative improvement of ``key`` over the last fifth of the run from two evaluations: ``(L(0.8 T) - L(T)) / L(0.8 T)``."""
+    end = curve[-1]["step"]
+    start = at(curve, 0.8 * end, key)
+    return (start - curve[-1][key]) / abs(start)
+
+
+def plateau(curve: list[dict], key: str = "val_model_loss") -> float:
+    """Relative improvement of ``key`` over the last fifth of the run, read off a least-squares line through the
+    evaluations of that fifth: ``-slope * 0.2 T / line(0.8 T)``.  One evaluation moves by up to 2% at small
+    sizes, which decides a 1% gate read from two points; fewer than 3 evaluations in the window fall back to
+    :func:`plateau_endpoints`."""
+    import numpy as np
+
+    end = curve[-1]["step"]
+    pts = [(r["step"], r[key]) for r in curve if r["step"] >= 0.8 * end - 1e-9]
+    if len(pts) < 3:
+        return plateau_endpoints(curve, key)
+    x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+    slope, icpt = np.polyfit(x, y, 1)
+    return float(-slope * 0.2 * end / abs(slope * 0.8 * end + icpt))

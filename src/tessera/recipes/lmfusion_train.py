@@ -4,6 +4,8 @@
     tessera run lmfusion-train layers=4 steps=2500 caption_first=0.5   # CPU, ~16 min on 2 cores: understanding 93.5% on 8x8
     tessera run lmfusion-train dataset=mnist layers=4 patch_size=4
     tessera run lmfusion-train freeze_text=false             # baseline: train the whole pretrained model
+    tessera run lmfusion-train freeze_text=false image_modules=shared base_init=random text_fraction=0.3
+                                                             # baseline: Transfusion from scratch, same shape and tokenizer
     tessera run lmfusion-train base_model=/path/to/llama steps=20000 batch_size=64 lr=1e-4   # GPU
 
 Top to bottom: the base LLM (``base_model``, default the embedded SmolLM2-135M; ``layers=N`` keeps its
@@ -16,8 +18,8 @@ validation losses -> text-to-image sampling with classifier-free guidance, score
 digit classifier, and image-to-text through the base model's ``generate``, scored by the digit named
 -> proof that the text side is untouched (logits of a freshly loaded base model on WikiText text).
 
-Dump dir: ``config.yaml``, ``metrics.jsonl`` (``kind=train|eval`` rows with ``step``, ``flops``,
-``tokens``), ``checkpoint/`` (trainable parameters + optimizer as safetensors, loop state as JSON; resumed automatically),
+Dump dir: ``config.yaml``, ``metrics.jsonl`` (``kind=train|eval|track`` rows with ``step``, ``flops``,
+``tokens``; ``track`` rows, every ``track_every`` steps, hold generation and understanding accuracy on a small sample), ``checkpoint/`` (trainable parameters + optimizer as safetensors, loop state as JSON; resumed automatically),
 ``classifier.safetensors``, ``image_modules/`` (the small safetensors file + config naming the base model:
 load with ``LMFusionModel.load``), ``samples.png``, ``results.json``.
 
@@ -41,6 +43,8 @@ class Config:
     base_model: str = "default"  # tessera.hub spec: default (SmolLM2-135M), a Llama-family folder or cached hub id
     layers: int = 0  # use only the first N layers of the base model (0 = all); CPU: 4 (2 learns far slower)
     freeze_text: bool = True  # LMFusion; false = baseline "train the whole pretrained model"
+    image_modules: str = "separate"  # separate (LMFusion) | shared (Transfusion: one dense transformer; needs freeze_text=false)
+    base_init: str = "pretrained"  # pretrained | random (the base's shape, re-initialised: a from-scratch baseline)
     dataset: str = "digits"  # digits (scikit-learn 8x8, no download) | mnist (../shared/data/mnist, 28x28)
     mnist_dir: str = ""  # default ../shared/data/mnist
     text_dir: str = ""  # WikiText-2 folder (valid.txt for text-only sequences, test.txt for the text check)
@@ -53,11 +57,15 @@ class Config:
     # data
     caption_first: float = 0.8  # Transfusion: 80% of pairs caption first
     cond_dropout: float = 0.1  # captions dropped for classifier-free guidance
+    caption_style: str = "sentences"  # sentences ("a handwritten digit seven") | short ("digit 7", "the seven")
     text_fraction: float = 0.0  # text-only sequences (no gradient when the text side is frozen)
+    text_sources: str = ""  # text-only sequences from these corpora's training splits (e.g. wiki:wikitext2,docs:python-docs,
+    #                         tessera.btx.data sources; held-out perplexity on the first one's held-out split); "" = WikiText-2 valid
     n_val_images: int = 300
     # objective
     diffusion_lambda: float = 5.0  # Transfusion / LMFusion lambda
     understanding_max_t: int = 500  # noise cap for image-first (understanding) pairs
+    understanding_diffusion: bool = True  # false: image-first images only condition their caption (no diffusion loss)
     # optimisation
     steps: int = 300
     batch_size: int = 16
@@ -81,6 +89,10 @@ class Config:
     caption_tokens: int = 8
     classifier_steps: int = 600
     text_check_tokens: int = 256
+    ppl_blocks: int = 32  # held-out text perplexity over this many 128-token blocks (0 = skip)
+    track_every: int = 0  # also measure generation and understanding accuracy every N steps (kind=track rows; 0 = off)
+    track_per_class: int = 3  # generated images per digit at each tracking point
+    track_captions: int = 100  # validation images captioned at each tracking point
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = ""  # "" = CUDA when present, else CPU
 
@@ -109,12 +121,29 @@ def text_for(cfg: Config, split: str) -> str:
     return "\n".join(docs[: len(docs) // 2] if split == "valid" else docs[len(docs) // 2:])
 
 
+def _source_texts(cfg: Config) -> tuple[list[str], list[str]]:
+    """``(train, held-out)`` texts of ``text_sources``: every source's training split; the first's held-out split."""
+    from tessera.btx.data import Domain, domain_texts
+
+    train, held = [], []
+    for i, spec in enumerate(s for s in cfg.text_sources.split(",") if s.strip()):
+        tr, ho = domain_texts(Domain.parse(spec))
+        train += tr
+        held = held if i else ho
+    return train, held
+
+
+def heldout_text(cfg: Config) -> str:
+    """Text for the held-out perplexity: the first ``text_sources`` corpus's held-out split, else WikiText-2 test."""
+    return "\n".join(_source_texts(cfg)[1]) if cfg.text_sources.strip() else text_for(cfg, "test")
+
+
 def build(cfg: Config, device: str):
     """``(model, objective, tokenizer, train_data, val_data, train_idx, val_idx)``."""
     import numpy as np
     import torch
 
-    from tessera.data.mixed_modal import load_image_set, split_indices
+    from tessera.data.mixed_modal import CAPTION_STYLES, load_image_set, split_indices
     from tessera.data.paths import shared_data_dir
     from tessera.models.lmfusion import LMFusionModel, load_base
     from tessera.models.lmfusion_modules import LMFusionConfig
@@ -128,18 +157,23 @@ def build(cfg: Config, device: str):
     H, W = images.shape[1:]
     base, tok = load_base(cfg.base_model, cfg.layers, device=device)
     torch.manual_seed(cfg.seed)
+    if cfg.base_init == "random":  # same shape and tokenizer, fresh weights: trained from scratch
+        base = type(base)(base.config).to(device=base.device, dtype=base.dtype)
+    if not cfg.freeze_text:  # trained text modules keep fp32 weights (bf16 compute comes from autocast on GPU)
+        base = base.float()
     mcfg = LMFusionConfig(base_model=cfg.base_model, layers=cfg.layers, image_height=H, image_width=W,
                           patch_size=patch, patcher=cfg.patcher, unet_channels=cfg.unet_channels,
-                          freeze_text=cfg.freeze_text)
+                          freeze_text=cfg.freeze_text, image_modules=cfg.image_modules)
     model = LMFusionModel(base, mcfg)
     text_tokens = None
     if cfg.text_fraction > 0:
-        text_tokens = np.asarray(tok(text_for(cfg, "valid"), add_special_tokens=False).input_ids, dtype=np.int64)
+        text = "\n".join(_source_texts(cfg)[0]) if cfg.text_sources.strip() else text_for(cfg, "valid")
+        text_tokens = np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)
     common = dict(patch_size=patch, caption_first=cfg.caption_first, cond_dropout=cfg.cond_dropout,
-                  text_fraction=cfg.text_fraction, text_tokens=text_tokens)
+                  text_fraction=cfg.text_fraction, text_tokens=text_tokens, templates=CAPTION_STYLES[cfg.caption_style])
     train = LMFusionData(tok, images, labels, model.cfg.boi_id, model.cfg.eoi_id, **common)
     val = LMFusionData(tok, images, labels, model.cfg.boi_id, model.cfg.eoi_id, **common)
-    objective = LMFusionLM(model, cfg.diffusion_lambda, cfg.understanding_max_t)
+    objective = LMFusionLM(model, cfg.diffusion_lambda, cfg.understanding_max_t, cfg.understanding_diffusion)
     return model, objective, tok, train, val, train_idx, val_idx
 
 
@@ -239,13 +273,18 @@ def main(cfg: Config) -> Path:
     net = wrap_model(objective, info, "ddp" if info.world_size > 1 else "none", find_unused_parameters=True)
     # 3. train, with the FLOPs that really run (frozen modules: no weight gradients)
     val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
+    track = _tracker(cfg, model, tok, clf, val_data, val_idx) if cfg.track_every and info.is_main else None
     state = _train(cfg, info, net, model, objective, opt, state, train_data, train_idx, val_batches, dump,
-                   dump_path / "checkpoint")
+                   dump_path / "checkpoint", track)
     # 4. final evaluation
     results = _run_summary(cfg, info, model, objective, state, val_batches, clf_acc)
     if info.is_main:
         model.save_image_modules(dump_path / "image_modules", tok)
-        results["text_side"] = text_side_check(model, cfg, tok, info.device)
+        if cfg.base_init == "pretrained":
+            results["text_side"] = text_side_check(model, cfg, tok, info.device)
+        if cfg.ppl_blocks:
+            model.eval()
+            results["text_perplexity"] = text_perplexity(model.logits, tok, heldout_text(cfg), cfg.ppl_blocks, info.device)
     if cfg.final_eval and info.is_main:
         results.update(_sample_and_caption(cfg, model, tok, clf, val_data, val_idx, dump_path))
     if dump:
@@ -255,8 +294,9 @@ def main(cfg: Config) -> Path:
 
 def _check_config(cfg: Config) -> None:
     """Reject unknown choices and empty runs before anything loads."""
+    from tessera.data.mixed_modal import CAPTION_STYLES
     from tessera.errors import InputError
-    from tessera.models.lmfusion_modules import PATCHERS
+    from tessera.models.lmfusion_modules import IMAGE_MODULES, PATCHERS
 
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
@@ -266,6 +306,14 @@ def _check_config(cfg: Config) -> None:
         raise InputError(f"unknown dataset {cfg.dataset!r}; use digits or mnist")
     if cfg.patcher not in PATCHERS:
         raise InputError(f"unknown patcher {cfg.patcher!r}; use linear or unet")
+    if cfg.caption_style not in CAPTION_STYLES:
+        raise InputError(f"unknown caption_style {cfg.caption_style!r}; use {' or '.join(CAPTION_STYLES)}")
+    if cfg.base_init not in ("pretrained", "random"):
+        raise InputError(f"unknown base_init {cfg.base_init!r}; use pretrained or random")
+    if cfg.image_modules not in IMAGE_MODULES:
+        raise InputError(f"unknown image_modules {cfg.image_modules!r}; use separate (LMFusion) or shared (Transfusion)")
+    if cfg.image_modules == "shared" and cfg.freeze_text:
+        raise InputError("image_modules=shared routes images through the text modules (Transfusion): set freeze_text=false")
 
 
 def _prepare_run(cfg: Config, info, model, train_data, train_idx, val_idx, dump_path: Path):
@@ -305,7 +353,8 @@ def _resume(cfg: Config, info, model, opt, dump_path: Path):
     return state
 
 
-def _train(cfg: Config, info, net, model, objective, opt, state, train_data, train_idx, val_batches, dump, ckpt: Path):
+def _train(cfg: Config, info, net, model, objective, opt, state, train_data, train_idx, val_batches, dump, ckpt: Path,
+           track=None):
     """The training loop of :mod:`tessera.train` under a :class:`~tessera.models.lmfusion_objective.FlopMeter`,
     with train/eval rows in ``metrics.jsonl`` and checkpoints; returns the final loop state."""
     import numpy as np
@@ -336,6 +385,11 @@ def _train(cfg: Config, info, net, model, objective, opt, state, train_data, tra
                      lr=opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in logs.items()})
         if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
             run_eval(st.step)
+        if track is not None and (st.step % cfg.track_every == 0 or st.step == cfg.steps):
+            row = track(st.step)
+            meter.skip()
+            if dump:
+                dump.log(kind="track", step=st.step, flops=st.flops, tokens=st.tokens, **row)
         if st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:  # every rank: the RNG states are gathered
             _save_ckpt(ckpt, model, opt, st, info.is_main)
 
@@ -349,6 +403,49 @@ def _train(cfg: Config, info, net, model, objective, opt, state, train_data, tra
     return state
 
 
+def _template(cfg: Config) -> str:
+    """The caption template generation is scored with: the style's first one that names the digit as a word."""
+    from tessera.data.mixed_modal import CAPTION_STYLES
+
+    return CAPTION_STYLES[cfg.caption_style][0]
+
+
+def _tracker(cfg: Config, model, tok, clf, val_data, val_idx):
+    """``track(step) -> {generation_accuracy, understanding_accuracy}`` on a small fixed sample (``track_per_class``
+    images per digit, ``track_captions`` validation images), the model put back in training mode after."""
+    sel = val_idx[:cfg.track_captions]
+
+    def track(step: int) -> dict:
+        gen, _, _ = generation_accuracy(model, tok, clf, cfg.track_per_class, cfg.sample_steps, cfg.guidance_scale,
+                                        cfg.seed, template=_template(cfg), sampler=cfg.sampler)
+        und, _ = understanding_accuracy(model, tok, val_data.images[sel], val_data.labels[sel], cfg.caption_tokens)
+        model.train()
+        return {"generation_accuracy": round(gen, 4), "understanding_accuracy": round(und, 4)}
+
+    return track
+
+
+def text_perplexity(logits_fn, tok, text: str, blocks: int, device: str, seq_len: int = 128) -> dict:
+    """Perplexity of ``logits_fn`` (``[B, T] -> [B, T, V]``; an LMFusion model's text side is ``model.logits``)
+    on the first ``blocks`` ``seq_len``-token blocks of held-out ``text`` (the first token of a block is context only)."""
+    import math
+
+    import torch
+
+    ids = tok(text, add_special_tokens=False).input_ids[:blocks * seq_len]
+    n = len(ids) // seq_len
+    if n == 0:
+        return {"blocks": 0, "perplexity": None}
+    x = torch.tensor(ids[:n * seq_len], device=device).view(n, seq_len)
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(0, n, 8):
+            logits = logits_fn(x[i:i + 8])[:, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[i:i + 8, 1:].reshape(-1),
+                                                           reduction="sum"))
+    return {"blocks": n, "tokens": n * (seq_len - 1), "perplexity": round(math.exp(nll / (n * (seq_len - 1))), 4)}
+
+
 def _run_summary(cfg: Config, info, model, objective, state, val_batches, clf_acc: float) -> dict:
     """The run's figures: config, parameters, FLOPs, tokens, step time, validation losses."""
     import numpy as np
@@ -356,7 +453,8 @@ def _run_summary(cfg: Config, info, model, objective, state, val_batches, clf_ac
     from tessera.models.scoring import mean_val_losses
 
     n_params = model.num_params()
-    results: dict = {"freeze_text": cfg.freeze_text, "base_model": cfg.base_model, "layers": model.cfg.layers,
+    results: dict = {"freeze_text": cfg.freeze_text, "image_modules": cfg.image_modules, "base_init": cfg.base_init,
+                     "base_model": cfg.base_model, "layers": model.cfg.layers,
                      "dataset": cfg.dataset, "patcher": cfg.patcher, "params": n_params, "model_config": model.cfg.to_dict(),
                      "classifier_val_accuracy": round(clf_acc, 4), "steps": state.step, "train_flops": state.flops,
                      "train_tokens": state.tokens, "world_size": info.world_size}
@@ -371,7 +469,7 @@ def _sample_and_caption(cfg: Config, model, tok, clf, val_data, val_idx, dump_pa
     from tessera.models.scoring import save_samples_png
 
     acc, imgs, labs = generation_accuracy(model, tok, clf, cfg.sample_per_class, cfg.sample_steps,
-                                          cfg.guidance_scale, cfg.seed, sampler=cfg.sampler)
+                                          cfg.guidance_scale, cfg.seed, template=_template(cfg), sampler=cfg.sampler)
     out: dict = {"generation_accuracy": round(acc, 4), "guidance_scale": cfg.guidance_scale}
     sel = val_idx[:cfg.n_caption_eval]
     u_acc, rows = understanding_accuracy(model, tok, val_data.images[sel], val_data.labels[sel], cfg.caption_tokens)
@@ -390,4 +488,5 @@ def _write_results(dump, results: dict) -> None:
     ui.info(f"lmfusion-train: {json.dumps(summary)}")
 
 
-__all__ = ["Config", "main", "build", "generation_accuracy", "understanding_accuracy", "text_side_check"]
+__all__ = ["Config", "main", "build", "generation_accuracy", "heldout_text", "text_perplexity", "text_side_check",
+           "understanding_accuracy"]
