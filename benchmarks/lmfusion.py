@@ -61,6 +61,31 @@ QUICK = dict(seeds=[0], text_hidden=64, text_layers=2, text_vocab=2048, text_ste
              per_class=3, track_per_class=2, track_captions=40)
 
 
+# What the caption-conditioning probes measured (2026-12-06, seed 0, this machine, the default text model; each a
+# `tessera run lmfusion-train` with the benchmark's overrides plus the one named; tracked generation at guidance 3 and
+# understanding on 100 validation images).  Recorded into the JSON as ``conditioning_probes``.
+CONDITIONING_PROBES = {
+    "lr=1e-3 (1,000 steps)": {"generation": 0.06, "understanding": 0.83},
+    "lr=5e-3 (1,000 steps)": {"generation": 0.08, "understanding": 0.52},
+    "start_token=eos (EOS before every sequence, as the text model's documents start; 1,000 steps)":
+        {"generation": 0.12, "understanding": 0.80},
+    "caption_first=0.8 (the paper's share of generation pairs; 1,250 steps)": {"generation": 0.10, "understanding": 0.64},
+    "freeze_text=false (the same pretrained model, text modules trained too; 1,000 steps)":
+        {"generation": 0.52, "understanding": 0.94},
+    "guidance 1 / 3 / 5 (the 1,500-step LMFusion run)": {"generation": [0.19, 0.22, 0.21]},
+    "attention mass from image queries to the caption at t=600, per layer (1,500 steps)":
+        {"lmfusion": [0.11, 0.071, 0.036, 0.027], "freeze_text=false": [0.18, 0.103, 0.026, 0.118],
+         "baseline": [0.284, 0.146, 0.059, 0.114]},
+}
+CONDITIONING_FINDING = (
+    "The frozen text side's caption features are what the image side fails to read at this scale: the same model with "
+    "its text modules trained (freeze_text=false) reaches generation 0.52 in 1,000 steps where frozen stays at 0.06-0.12 "
+    "whatever the learning rate, caption share, start token or guidance scale; the image queries put less attention on "
+    "the caption (0.03-0.11 per layer against 0.06-0.28 for the baseline) and the right caption lowers the noise "
+    "prediction error by 1-2% (baseline 11-35%).  Understanding, where the trainable image keys and values adapt to "
+    "frozen text queries, learns fast (0.8-0.87 in 1,000-1,500 steps).")
+
+
 # -- one image-stage run (a spawned worker) ------------------------------------------------------------
 
 def run_one(kind: str, seed: int, overrides: dict, dump_dir: str, threads: int, reuse: bool) -> dict:
@@ -141,7 +166,7 @@ def caption_use(model, tok, images: np.ndarray, labels: np.ndarray, template: st
 
     model.eval()
     data = LMFusionData(tok, images, labels, model.cfg.boi_id, model.cfg.eoi_id, patch_size=model.cfg.patch_size,
-                        templates=(template,))
+                        templates=(template,), start_ids=model.cfg.start_ids)
     sched = D.make_scheduler(model.cfg.num_train_timesteps)
     x0 = torch.from_numpy(data._patches).float()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
@@ -240,7 +265,7 @@ def parse_args(argv=None):
     ap.add_argument("--text-hidden", type=int, default=128)
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--text-vocab", type=int, default=4096)
-    ap.add_argument("--text-steps", type=int, default=1200)
+    ap.add_argument("--text-steps", type=int, default=1000)
     ap.add_argument("--text-lr", type=float, default=3e-3)
     ap.add_argument("--text-threads", type=int, default=2)
     # image stage
@@ -249,8 +274,11 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr-baseline", type=float, default=2e-3)
     ap.add_argument("--lr-lmfusion", type=float, default=2e-3)
-    ap.add_argument("--caption-first", type=float, default=0.5)
-    ap.add_argument("--text-fraction", type=float, default=0.3, help="the baseline's text-only sequences")
+    ap.add_argument("--caption-first", type=float, default=0.5, help="LMFusion's caption-first share of pairs")
+    ap.add_argument("--caption-first-baseline", type=float, default=0.3,
+                    help="the baseline's (0.5: understanding 0.43 after 1,500 steps; 0.3: 0.81)")
+    ap.add_argument("--text-fraction", type=float, default=0.1, help="the baseline's text-only sequences "
+                    "(0.3: understanding 0.33-0.43 after 1,500 steps)")
     ap.add_argument("--track-every", type=int, default=None)
     ap.add_argument("--track-per-class", type=int, default=5)
     ap.add_argument("--track-captions", type=int, default=100)
@@ -265,9 +293,9 @@ def parse_args(argv=None):
     if "--quick" in (sys.argv[1:] if argv is None else argv):  # explicit flags still win
         ap.set_defaults(**QUICK)
     args = ap.parse_args(argv)
-    args.steps_baseline = args.steps_baseline or 3000
-    args.steps_lmfusion = args.steps_lmfusion or args.steps_baseline
-    args.track_every = args.track_every or max(args.steps_baseline // 6, 1)
+    args.steps_baseline = args.steps_baseline or 2000
+    args.steps_lmfusion = args.steps_lmfusion or (args.steps_baseline * 3 // 4)
+    args.track_every = args.track_every or max(args.steps_baseline // 8, 1)
     return args
 
 
@@ -289,7 +317,8 @@ def recipe_overrides(args, kind: str, text_dir: str) -> dict:
                   track_captions=args.track_captions, text_sources=TEXT_SOURCES, ppl_blocks=64, warmup_steps=50)
     if kind == "baseline":
         return {**common, "freeze_text": False, "image_modules": "shared", "base_init": "random",
-                "text_fraction": args.text_fraction, "steps": args.steps_baseline, "lr": args.lr_baseline}
+                "text_fraction": args.text_fraction, "steps": args.steps_baseline, "lr": args.lr_baseline,
+                "caption_first": args.caption_first_baseline}
     return {**common, "freeze_text": True, "image_modules": "separate", "base_init": "pretrained",
             "text_fraction": 0.0, "steps": args.steps_lmfusion, "lr": args.lr_lmfusion}
 
@@ -383,6 +412,7 @@ def main(argv=None) -> dict:
     # 5. caption use (seed 0's runs)
     s0 = args.seeds[0]
     results["caption_study"] = {k: caption_study(runs[f"{k}_s{s0}"], args) for k in KINDS}
+    results["conditioning_probes"] = {"measured": CONDITIONING_PROBES, "finding": CONDITIONING_FINDING}
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     results["wall_budget_s"] = 1800
     results["load_average_at_end"] = os.getloadavg()

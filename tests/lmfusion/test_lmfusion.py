@@ -219,9 +219,13 @@ def test_pairs_batch_builds_the_given_pairs_in_order(fused):
         assert torch.equal(b["patches"][r][img], torch.from_numpy(data._patches[i]))
 
 
-def test_caption_images_matches_full_forward_greedy(fused):
-    """The cache hand-off to the base model's ``generate`` gives what step-by-step fused forwards give."""
+@pytest.mark.parametrize("start", [False, True], ids=["no-start", "eos-start"])
+def test_caption_images_matches_full_forward_greedy(fused, start):
+    """The cache hand-off to the base model's ``generate`` gives what step-by-step fused forwards give
+    (with and without a start token before ``BOI``)."""
     model, tok = fused
+    if start:
+        model.cfg.start_id = tok.eos_token_id
     images = torch.from_numpy(_digits(3)[0])
     caps = caption_images(model, tok, images, max_new_tokens=4)
     tokens, modality, patches = image_prefix(model, images)
@@ -410,3 +414,24 @@ def test_samplers_with_guidance_generate_the_asked_digit(sampler):
     x = D.ddpm_sample(guided, (len(want), 64), make_sampler(sampler), 25, generator=torch.Generator().manual_seed(1))
     pred = clf.predict(((x.view(-1, 8, 8) + 1) / 2).clamp(0, 1))
     assert float((pred == want).float().mean()) >= 0.8
+
+
+def test_start_token_begins_every_sequence_and_prompt(fused):
+    model, tok = fused
+    model.cfg.start_id = tok.eos_token_id
+    plain = _data(model, tok, caption_first=0.5)
+    data = _data(model, tok, caption_first=0.5, start_ids=model.cfg.start_ids)
+    assert data.seq_len == plain.seq_len + 1
+    b = data.batch(16, np.random.default_rng(0))
+    assert bool((b["tokens"][:, 0] == tok.eos_token_id).all()) and bool((b["modality"][:, 0] == 0).all())
+    und = b["understanding"]
+    assert bool(und.any()) and bool((~und).any())
+    assert bool((b["tokens"][und, 1] == model.cfg.boi_id).all())  # image first: start, BOI, image
+    assert bool((b["modality"][und, 2:2 + model.cfg.image_len] == IMAGE).all())
+    assert int((b["modality"] == IMAGE).sum()) == 16 * model.cfg.image_len
+    tokens, modality, patches = image_prefix(model, torch.from_numpy(_digits(2)[0]))
+    assert tokens[0, :2].tolist() == [tok.eos_token_id, model.cfg.boi_id]
+    assert modality[0, 2:2 + model.cfg.image_len].eq(IMAGE).all() and int(modality.sum()) == 2 * model.cfg.image_len
+    assert bool(patches[:, 2:2 + model.cfg.image_len].abs().sum(-1).gt(0).all())
+    out = LMFusionLM(model)(b, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out["loss"]))

@@ -18,7 +18,7 @@ def test_lmfusion_benchmark_smoke(tmp_path):
         sys.path.remove(str(BENCH))
     out = tmp_path / "lmfusion.json"
     argv = ["--quick", "--text-hidden", "32", "--text-layers", "1", "--text-vocab", "512", "--text-steps", "6",
-            "--steps-baseline", "4", "--track-every", "2", "--batch-size", "4", "--per-class", "1", "--track-per-class", "1",
+            "--steps-baseline", "4", "--steps-lmfusion", "4", "--track-every", "2", "--batch-size", "4", "--per-class", "1", "--track-per-class", "1",
             "--track-captions", "4", "--sample-steps", "2", "--classifier-steps", "5", "--workers", "1",
             "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     res = B.main(argv)

@@ -37,7 +37,7 @@ class LMFusionData:
 
     def __init__(self, tokenizer, images: np.ndarray, labels: np.ndarray, boi_id: int, eoi_id: int, patch_size: int = 2,
                  caption_first: float = 0.8, cond_dropout: float = 0.1, text_fraction: float = 0.0,
-                 text_tokens: np.ndarray | None = None, templates=CAPTION_TEMPLATES):
+                 text_tokens: np.ndarray | None = None, templates=CAPTION_TEMPLATES, start_ids: list[int] = ()):
         H, W = images.shape[1:]
         if H % patch_size or W % patch_size:
             raise InputError(f"patch_size {patch_size} does not divide the {H}x{W} images; pick a divisor")
@@ -47,6 +47,7 @@ class LMFusionData:
         self.boi_id, self.eoi_id, self.patch_size = boi_id, eoi_id, patch_size
         self.caption_first, self.cond_dropout, self.text_fraction = caption_first, cond_dropout, text_fraction
         self.text_tokens, self.templates = text_tokens, tuple(templates)
+        self.start_ids = list(start_ids)  # the model's LMFusionConfig.start_ids: before every pair
         self.height, self.width = H, W
         self.image_len = (H // patch_size) * (W // patch_size)
         self.patch_dim = patch_size * patch_size
@@ -55,7 +56,7 @@ class LMFusionData:
         self._cap_cache: dict[str, list[int]] = {}
         self._patches = patchify(torch.from_numpy(images[:, None].astype(np.float32) * 2.0 - 1.0), patch_size).numpy()
         max_cap = max(len(self.encode(caption_for(d, t))) for d in range(10) for t in self.templates)
-        self.seq_len = max_cap + self.image_len + 3
+        self.seq_len = len(self.start_ids) + max_cap + self.image_len + 3
 
     def encode(self, text: str) -> list[int]:
         if text not in self._cap_cache:
@@ -73,7 +74,7 @@ class LMFusionData:
         else:
             toks = [self.boi_id, *img, self.eoi_id, *cap, self.eos_id]
             mod = [TEXT] + im_mod + [TEXT] * (len(cap) + 2)
-        return toks, mod
+        return self.start_ids + toks, [TEXT] * len(self.start_ids) + mod
 
     def _rows(self, n: int) -> dict:
         T = self.seq_len

@@ -47,6 +47,8 @@ class LMFusionConfig:
     num_train_timesteps: int = D.NUM_TRAIN_TIMESTEPS  # Transfusion: 1000
     freeze_text: bool = True  # LMFusion; False = train the whole pretrained model (baseline)
     image_modules: str = "separate"  # separate (LMFusion) | shared (Transfusion: image tokens use the text modules)
+    start_id: int = -1  # a text token put before every image-text sequence and prompt (BOS, or EOS for a model
+    #                     pretrained on EOS-separated documents); -1 = none
     vocab_size: int = 0  # the base vocabulary (filled in from the base model)
     hidden_size: int = 0  # filled in from the base model
 
@@ -57,6 +59,11 @@ class LMFusionConfig:
     @property
     def image_len(self) -> int:
         return (self.image_height // self.patch_size) * (self.image_width // self.patch_size)
+
+    @property
+    def start_ids(self) -> list[int]:
+        """``[start_id]`` or ``[]``: what every image-text sequence and sampling prompt begins with."""
+        return [self.start_id] if self.start_id >= 0 else []
 
     @property
     def boi_id(self) -> int:

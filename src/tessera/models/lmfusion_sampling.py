@@ -58,10 +58,10 @@ def generate_images(model: LMFusionModel, tokenizer, captions: list[str], guidan
     for s in range(0, len(captions), batch_size):
         chunk = captions[s:s + batch_size]
         n = len(chunk)
-        prompts = [tokenizer(c, add_special_tokens=False).input_ids + [cfg.boi_id] for c in chunk]
+        prompts = [cfg.start_ids + tokenizer(c, add_special_tokens=False).input_ids + [cfg.boi_id] for c in chunk]
         guided = guidance_scale != 1.0
         if guided:
-            prompts = prompts + [[cfg.boi_id]] * n
+            prompts = prompts + [cfg.start_ids + [cfg.boi_id]] * n
         ids, att = left_pad([p + [pad] * L for p in prompts], pad)
         att[:, -L:] = 1
         ids, att = ids.to(dev), att.to(dev)
@@ -89,17 +89,18 @@ def generate_images(model: LMFusionModel, tokenizer, captions: list[str], guidan
 
 
 def image_prefix(model: LMFusionModel, images: torch.Tensor, prompt_ids: list[int] | None = None):
-    """``(tokens, modality, patches)`` for ``BOI <image> EOI [prompt]`` rows, images ``[n, H, W]`` in [0, 1]."""
+    """``(tokens, modality, patches)`` for ``[start] BOI <image> EOI [prompt]`` rows, images ``[n, H, W]`` in [0, 1]."""
     cfg = model.cfg
     n, L = images.shape[0], cfg.image_len
     prompt_ids = list(prompt_ids or [])
-    row = [cfg.boi_id] + [0] * L + [cfg.eoi_id] + prompt_ids
+    row = cfg.start_ids + [cfg.boi_id] + [0] * L + [cfg.eoi_id] + prompt_ids
     tokens = torch.tensor(row, dtype=torch.long)[None].repeat(n, 1)
     modality = torch.zeros_like(tokens)
-    modality[:, 1:1 + L] = IMAGE
+    s = len(cfg.start_ids) + 1  # first image position
+    modality[:, s:s + L] = IMAGE
     x = images.float().reshape(n, cfg.channels, cfg.image_height, cfg.image_width) * 2.0 - 1.0
     patches = torch.zeros(n, tokens.shape[1], cfg.patch_dim)
-    patches[:, 1:1 + L] = D.patchify(x, cfg.patch_size)
+    patches[:, s:s + L] = D.patchify(x, cfg.patch_size)
     return tokens, modality, patches
 
 

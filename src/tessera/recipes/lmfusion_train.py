@@ -58,6 +58,7 @@ class Config:
     caption_first: float = 0.8  # Transfusion: 80% of pairs caption first
     cond_dropout: float = 0.1  # captions dropped for classifier-free guidance
     caption_style: str = "sentences"  # sentences ("a handwritten digit seven") | short ("digit 7", "the seven")
+    start_token: str = "none"  # none | bos | eos: a token before every image-text sequence (the text model's document start)
     text_fraction: float = 0.0  # text-only sequences (no gradient when the text side is frozen)
     text_sources: str = ""  # text-only sequences from these corpora's training splits (e.g. wiki:wikitext2,docs:python-docs,
     #                         tessera.btx.data sources; held-out perplexity on the first one's held-out split); "" = WikiText-2 valid
@@ -138,6 +139,17 @@ def heldout_text(cfg: Config) -> str:
     return "\n".join(_source_texts(cfg)[1]) if cfg.text_sources.strip() else text_for(cfg, "test")
 
 
+def _start_id(cfg: Config, tok) -> int:
+    from tessera.errors import InputError
+
+    if cfg.start_token == "none":
+        return -1
+    tid = tok.bos_token_id if cfg.start_token == "bos" else tok.eos_token_id
+    if tid is None:
+        raise InputError(f"the tokenizer has no {cfg.start_token.upper()} token; use start_token=none or the other one")
+    return int(tid)
+
+
 def build(cfg: Config, device: str):
     """``(model, objective, tokenizer, train_data, val_data, train_idx, val_idx)``."""
     import numpy as np
@@ -163,14 +175,16 @@ def build(cfg: Config, device: str):
         base = base.float()
     mcfg = LMFusionConfig(base_model=cfg.base_model, layers=cfg.layers, image_height=H, image_width=W,
                           patch_size=patch, patcher=cfg.patcher, unet_channels=cfg.unet_channels,
-                          freeze_text=cfg.freeze_text, image_modules=cfg.image_modules)
+                          freeze_text=cfg.freeze_text, image_modules=cfg.image_modules,
+                          start_id=_start_id(cfg, tok))
     model = LMFusionModel(base, mcfg)
     text_tokens = None
     if cfg.text_fraction > 0:
         text = "\n".join(_source_texts(cfg)[0]) if cfg.text_sources.strip() else text_for(cfg, "valid")
         text_tokens = np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)
     common = dict(patch_size=patch, caption_first=cfg.caption_first, cond_dropout=cfg.cond_dropout,
-                  text_fraction=cfg.text_fraction, text_tokens=text_tokens, templates=CAPTION_STYLES[cfg.caption_style])
+                  text_fraction=cfg.text_fraction, text_tokens=text_tokens, templates=CAPTION_STYLES[cfg.caption_style],
+                  start_ids=model.cfg.start_ids)
     train = LMFusionData(tok, images, labels, model.cfg.boi_id, model.cfg.eoi_id, **common)
     val = LMFusionData(tok, images, labels, model.cfg.boi_id, model.cfg.eoi_id, **common)
     objective = LMFusionLM(model, cfg.diffusion_lambda, cfg.understanding_max_t, cfg.understanding_diffusion)
@@ -308,6 +322,8 @@ def _check_config(cfg: Config) -> None:
         raise InputError(f"unknown patcher {cfg.patcher!r}; use linear or unet")
     if cfg.caption_style not in CAPTION_STYLES:
         raise InputError(f"unknown caption_style {cfg.caption_style!r}; use {' or '.join(CAPTION_STYLES)}")
+    if cfg.start_token not in ("none", "bos", "eos"):
+        raise InputError(f"unknown start_token {cfg.start_token!r}; use none, bos or eos")
     if cfg.base_init not in ("pretrained", "random"):
         raise InputError(f"unknown base_init {cfg.base_init!r}; use pretrained or random")
     if cfg.image_modules not in IMAGE_MODULES:
