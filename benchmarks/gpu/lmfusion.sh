@@ -8,17 +8,11 @@
 #
 # Writes OUT_DIR/lmfusion_gpu.json (+ .png) and OUT_DIR/lmfusion_gpu.log; OUT_DIR defaults to $OUT or ./gpu-out.
 # STEPS, BATCH, LR and SEEDS override the GPU sizes.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-SMOKE=0
-if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
-OUT_DIR="${1:-${OUT:-gpu-out}}"
-mkdir -p "$OUT_DIR"
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=benchmarks/gpu/_args.sh
+source "$(dirname "$0")/_args.sh"
 if [ "$SMOKE" = 1 ]; then
     ARGS=(--layers 2 --device cpu --workers 1 --seeds 0 --steps-baseline 4 --track-every 2 --batch-size 4 --per-class 1
-          --track-per-class 1 --track-captions 4 --sample-steps 2 --classifier-steps 5)
+          --track-per-class 1 --track-captions 4 --sample-steps 2 --classifier-steps 5 --ppl-blocks 2)
 else
     # shellcheck disable=SC2086
     ARGS=(--device cuda --workers 2 --seeds ${SEEDS:-0} --steps-baseline "${STEPS:-1500}" --batch-size "${BATCH:-64}"

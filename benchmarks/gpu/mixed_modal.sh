@@ -7,14 +7,8 @@
 #
 # Writes OUT_DIR/mixed_modal_{chameleon,transfusion}.json (+ .png); OUT_DIR defaults to $OUT or ./gpu-out.
 # STEPS, D_MODEL, LAYERS, BATCH and SEEDS override the GPU sizes.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-SMOKE=0
-if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
-OUT_DIR="${1:-${OUT:-gpu-out}}"
-mkdir -p "$OUT_DIR"
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=benchmarks/gpu/_args.sh
+source "$(dirname "$0")/_args.sh"
 if [ "$SMOKE" = 1 ]; then
     ARGS=(--smoke --device cpu --threads 1)
 else

@@ -19,7 +19,7 @@ def test_lmfusion_benchmark_smoke(tmp_path):
     out = tmp_path / "lmfusion.json"
     argv = ["--quick", "--text-hidden", "32", "--text-layers", "1", "--text-vocab", "512", "--text-steps", "6",
             "--steps-baseline", "4", "--steps-lmfusion", "4", "--track-every", "2", "--batch-size", "4", "--per-class", "1", "--track-per-class", "1",
-            "--track-captions", "4", "--sample-steps", "2", "--classifier-steps", "5", "--workers", "1",
+            "--track-captions", "4", "--sample-steps", "2", "--classifier-steps", "5", "--ppl-blocks", "4", "--workers", "1",
             "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     res = B.main(argv)
     on_disk = json.loads(out.read_text())

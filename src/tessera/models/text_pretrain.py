@@ -58,13 +58,14 @@ class TextPretrainConfig:
         return d
 
 
-def corpus(cfg: TextPretrainConfig) -> tuple[list[str], list[str]]:
-    """``(train_texts, heldout_wikitext_texts)``: every source's training split; WikiText-2's held-out articles
-    (or the first source's held-out split) for the curve and the perplexity."""
+def corpus(sources) -> tuple[list[str], list[str]]:
+    """``(train_texts, heldout_texts)`` of :mod:`tessera.btx.data` sources (``name:source`` specs): every source's
+    training split; the first source's held-out split (WikiText-2's held-out articles by default) for the curve
+    and the perplexity."""
     from tessera.btx.data import Domain, domain_texts
 
     train, held = [], []
-    for i, spec in enumerate(cfg.sources):
+    for i, spec in enumerate(sources):
         tr, ho = domain_texts(Domain.parse(spec))
         train += tr
         if i == 0:
@@ -92,7 +93,7 @@ def pretrain_text_llama(cfg: TextPretrainConfig, out: str | Path, threads: int =
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    train_texts, held_texts = corpus(cfg)
+    train_texts, held_texts = corpus(cfg.sources)
     tok = corpus_tokenizer(train_texts, vocab_size=cfg.vocab_size)
     model, tok = hub.new_tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.layers, num_heads=cfg.heads,
                                     num_kv_heads=cfg.kv_heads, max_positions=max(1024, cfg.seq_len),

@@ -123,15 +123,10 @@ def text_for(cfg: Config, split: str) -> str:
 
 
 def _source_texts(cfg: Config) -> tuple[list[str], list[str]]:
-    """``(train, held-out)`` texts of ``text_sources``: every source's training split; the first's held-out split."""
-    from tessera.btx.data import Domain, domain_texts
+    """``(train, held-out)`` texts of ``text_sources`` (:func:`tessera.models.text_pretrain.corpus`)."""
+    from tessera.models.text_pretrain import corpus
 
-    train, held = [], []
-    for i, spec in enumerate(s for s in cfg.text_sources.split(",") if s.strip()):
-        tr, ho = domain_texts(Domain.parse(spec))
-        train += tr
-        held = held if i else ho
-    return train, held
+    return corpus([s for s in cfg.text_sources.split(",") if s.strip()])
 
 
 def heldout_text(cfg: Config) -> str:
