@@ -3,7 +3,7 @@ same shape trained from scratch on text and images, at the image stage's measure
 
 1. **Text model** (the paper's Llama-3): a Llama of ``--text-hidden`` x ``--text-layers`` with a byte-level
    BPE of ``--text-vocab`` tokens, pretrained from scratch on WikiText-2 + Python's documentation until its
-   held-out WikiText-2 loss plateaus (:mod:`tessera.models.text_pretrain`; curve, plateau, perplexity and
+   held-out WikiText-2 loss plateaus (:mod:`tessera.recipes.text_pretrain`; curve, plateau, perplexity and
    its FLOPs recorded separately, as the paper counts only the image stage).  Reused from ``--work-dir``
    when its config matches.
 2. **Baseline** (per seed): recipe ``lmfusion-train`` with ``image_modules=shared base_init=random
@@ -301,7 +301,7 @@ def parse_args(argv=None):
 
 
 def text_config(args):
-    from tessera.models.text_pretrain import TextPretrainConfig
+    from tessera.recipes.text_pretrain import TextPretrainConfig
 
     return TextPretrainConfig(hidden_size=args.text_hidden, layers=args.text_layers, vocab_size=args.text_vocab,
                               steps=args.text_steps, lr=args.text_lr, eval_every=max(args.text_steps // 15, 1),
@@ -339,7 +339,7 @@ def main(argv=None) -> dict:
     import transformers
 
     from tessera import __version__
-    from tessera.models.text_pretrain import REPORT, pretrain_text_llama
+    from tessera.recipes.text_pretrain import REPORT, pretrain_text_llama
 
     work, out_path = Path(args.work_dir), Path(args.out)
     t_start = time.perf_counter()

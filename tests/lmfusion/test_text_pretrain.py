@@ -1,4 +1,4 @@
-"""``tessera.models.text_pretrain``: a from-scratch text Llama trained on a corpus until its held-out loss
+"""``tessera.recipes.text_pretrain``: a from-scratch text Llama trained on a corpus until its held-out loss
 plateaus, saved as a Hugging Face folder that LMFusion (and ``tessera.hub``) load unchanged; reused by config."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from tessera.models.text_pretrain import REPORT, TextPretrainConfig, pretrain_text_llama
+from tessera.recipes.text_pretrain import REPORT, TextPretrainConfig, pretrain_text_llama
 
 
 def _cfg(**kw):

@@ -123,8 +123,8 @@ def text_for(cfg: Config, split: str) -> str:
 
 
 def _source_texts(cfg: Config) -> tuple[list[str], list[str]]:
-    """``(train, held-out)`` texts of ``text_sources`` (:func:`tessera.models.text_pretrain.corpus`)."""
-    from tessera.models.text_pretrain import corpus
+    """``(train, held-out)`` texts of ``text_sources`` (:func:`tessera.recipes.text_pretrain.corpus`)."""
+    from tessera.recipes.text_pretrain import corpus
 
     return corpus([s for s in cfg.text_sources.split(",") if s.strip()])
 
