@@ -38,6 +38,26 @@ def package_versions(*packages: str) -> dict:
     return out
 
 
+def spread(xs: list) -> dict:
+    """Mean, standard deviation and values (rounded) of per-seed figures; mean and std are ``None`` unless every
+    seed has a value (a seed that never reached a target makes the mean meaningless)."""
+    import statistics
+
+    v = [x for x in xs if x is not None]
+    full = bool(v) and len(v) == len(xs)
+    return {"mean": round(statistics.fmean(v), 4) if full else None,
+            "std": round(statistics.stdev(v), 4) if full and len(v) > 1 else (0.0 if full else None),
+            "values": [None if x is None else round(x, 4) for x in xs]}
+
+
+def goal(target: float, measured, higher_is_better: bool = True, digits: int | None = None) -> dict:
+    """A ``goals`` entry: ``{"target", "measured", "met"}`` (``measured`` rounded to ``digits`` when given)."""
+    met = measured is not None and (measured >= target if higher_is_better else measured <= target)
+    if measured is not None and digits is not None:
+        measured = round(float(measured), digits)
+    return {"target": target, "measured": measured, "met": bool(met)}
+
+
 def run_all(fn, jobs: dict[str, tuple], workers: int, on_done=None) -> dict:
     """``{key: fn(*args)}`` for ``jobs = {key: args}``, ``workers`` calls at a time in spawned processes (``fn`` a
     top-level function of the calling script; ``on_done(key, result)`` as each finishes).  Two one-thread runs

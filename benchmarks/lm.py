@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, package_versions, write_json  # noqa: E402
+from _common import goal, machine, package_versions, write_json  # noqa: E402
 
 from tessera.data.paths import shared_data_dir  # noqa: E402
 from tessera.lm.local import LocalLM  # noqa: E402
@@ -494,11 +494,6 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     atomic_savefig(fig, path)
     plt.close(fig)
-
-
-def goal(target: float, measured, higher_is_better: bool = True) -> dict:
-    met = measured is not None and (measured >= target if higher_is_better else measured <= target)
-    return {"target": target, "measured": measured, "met": bool(met)}
 
 
 def main() -> None:

@@ -42,14 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine, run_all, write_json
+from _common import goal, machine, run_all, spread, write_json
 
 from tessera.models.scoring import first_reach
 
@@ -139,19 +138,6 @@ def compare(lmf: dict, base: dict, frozen_ppl: float) -> dict:
             "understanding": {"lmfusion": lmf["understanding_accuracy"], "baseline": base["understanding_accuracy"]},
             "text_ppl": {"lmfusion": ppl_l, "frozen": frozen_ppl, "baseline": ppl_b},
             "text_ppl_ratio": round(ppl_l / frozen_ppl, 6), "text_ppl_vs_scratch": round(ppl_l / ppl_b, 4)}
-
-
-def spread(xs: list) -> dict:
-    v = [x for x in xs if x is not None]
-    full = bool(v) and len(v) == len(xs)
-    return {"mean": round(statistics.fmean(v), 4) if full else None,
-            "std": round(statistics.stdev(v), 4) if full and len(v) > 1 else (0.0 if full else None),
-            "values": [None if x is None else round(x, 4) for x in xs]}
-
-
-def goal(target: float, measured, higher_is_better: bool) -> dict:
-    met = measured is not None and (measured >= target if higher_is_better else measured <= target)
-    return {"target": target, "measured": None if measured is None else round(float(measured), 4), "met": bool(met)}
 
 
 # -- caption use (seed 0's LMFusion) ---------------------------------------------------------------
@@ -402,13 +388,13 @@ def main(argv=None) -> dict:
     results["gate"] = gate
     results["comparison"] = {"per_seed": cmp, "summary": S}
     results["goals"] = {
-        "text_model_plateau": goal(PLATEAU, text["plateau"], False),
-        "baseline_generation_gate": goal(GEN_GATE, min(base_gen), True),
-        "baseline_understanding_gate": goal(UND_GATE, min(base_und), True),
-        "lmfusion_flops_fraction_to_match_generation": goal(0.5, S["flops_fraction_to_match_generation"]["mean"], False),
-        "lmfusion_understanding": goal(0.95, S["lmfusion_understanding"]["mean"], True),
-        "lmfusion_text_ppl_ratio": goal(1.0, max(c["text_ppl_ratio"] for c in cmp), False),
-        "lmfusion_text_ppl_vs_scratch": goal(1.0, S["text_ppl_vs_scratch"]["mean"], False),
+        "text_model_plateau": goal(PLATEAU, text["plateau"], False, digits=4),
+        "baseline_generation_gate": goal(GEN_GATE, min(base_gen), True, digits=4),
+        "baseline_understanding_gate": goal(UND_GATE, min(base_und), True, digits=4),
+        "lmfusion_flops_fraction_to_match_generation": goal(0.5, S["flops_fraction_to_match_generation"]["mean"], False, digits=4),
+        "lmfusion_understanding": goal(0.95, S["lmfusion_understanding"]["mean"], True, digits=4),
+        "lmfusion_text_ppl_ratio": goal(1.0, max(c["text_ppl_ratio"] for c in cmp), False, digits=4),
+        "lmfusion_text_ppl_vs_scratch": goal(1.0, S["text_ppl_vs_scratch"]["mean"], False, digits=4),
     }
     write_json(results, out_path)
 

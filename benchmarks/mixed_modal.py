@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -57,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine, run_all, write_json
+from _common import machine, run_all, spread, write_json
 
 from tessera.models.scoring import first_reach, plateau, plateau_endpoints
 
@@ -90,13 +89,6 @@ def overfit(curve: list[dict]) -> dict:
         out[m] = round(curve[-1][k] / lo - 1.0, 4) if lo > 0 else 0.0
     out["flag"] = any(v > OVERFIT for m, v in out.items() if m in LOSSES)
     return out
-
-
-def spread(xs: list[float | None]) -> dict:
-    v = [x for x in xs if x is not None]
-    return {"mean": round(statistics.fmean(v), 4) if v and len(v) == len(xs) else None,
-            "std": round(statistics.stdev(v), 4) if len(v) > 1 and len(v) == len(xs) else (0.0 if len(v) == 1 == len(xs) else None),
-            "values": [None if x is None else round(x, 4) for x in xs]}
 
 
 # -- parameters --------------------------------------------------------------------------------------
