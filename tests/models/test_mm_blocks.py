@@ -67,6 +67,40 @@ def test_block_equals_token_by_token_modules(variant, transfusion):
         assert block.wqkv.mods[0].weight.data_ptr() != block.wqkv.mods[1].weight.data_ptr()
 
 
+def test_modality_index_sorts_slices_and_restores_sequence_order():
+    modality = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]])
+    ix = ModalityRouter().route(modality)
+    x = torch.arange(8.0)[:, None].expand(8, 3)
+    xs = ix.sort(x)
+    text, image = ix.slices(xs)
+    assert text[:, 0].tolist() == [0, 3, 5, 6] and image[:, 0].tolist() == [1, 2, 4, 7]
+    assert torch.equal(ix.unsort(xs), x) and ix.mixed and ix.counts == [4, 4]
+    one = ModalityRouter().route(torch.zeros(2, 3, dtype=torch.long))
+    y = x[:6]
+    assert not one.mixed and one.sort(y) is y and one.unsort(y) is y  # one modality: nothing is gathered
+    with pytest.raises(ValueError, match="modality ids"):
+        ModalityRouter().route(torch.tensor([[0, 2]]))
+
+
+@pytest.mark.parametrize("rows", ["text_only", "image_only", "mixed"])
+def test_mot_block_matches_reference_whatever_modalities_are_present(rows):
+    """The block's modality-ordered path (both modalities) and its plain path (one) give the reference."""
+    torch.manual_seed(1)
+    cfg = MixedModalConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, variant="mot")
+    block = build_block(cfg, 0)
+    modality = {"text_only": torch.zeros(2, 5, dtype=torch.long), "image_only": torch.ones(2, 5, dtype=torch.long),
+                "mixed": torch.tensor([[1, 0, 1, 0, 1], [0, 0, 0, 0, 1]])}[rows]
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, _ctx(modality)), reference_block(block, x, modality), atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)
+    block(x, _ctx(modality)).sum().backward()
+    used = {0} if rows == "text_only" else {1} if rows == "image_only" else {0, 1}
+    for m in (0, 1):  # gradients reach exactly the modules of the modalities present
+        g = block.wqkv.mods[m].weight.grad
+        assert (g is not None and bool(g.abs().sum() > 0)) == (m in used)
+
+
 def test_moma_block_routes_each_modality_to_its_own_group():
     torch.manual_seed(0)
     cfg = MixedModalConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, variant="moma", n_text_experts=2,

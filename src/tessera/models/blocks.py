@@ -196,22 +196,37 @@ class Block(nn.Module):
         self.ffn_norm = PerModality([nn.RMSNorm(d_model) for _ in range(n_ffn_norm)])
         self.ffn = ffn
 
-    def attention(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        B, T, d = x.shape
-        h = self.attn_norm(x.reshape(B * T, d), ctx.index)
-        q, k, v = self.wqkv(h, ctx.index).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+    def _attend(self, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """``qkv [B*T, 3d]`` in sequence order -> attention output ``[B*T, d]`` (one global SDPA, RoPE)."""
+        B, T = ctx.modality.shape
+        d = qkv.shape[-1] // 3
+        q, k, v = qkv.view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, ctx.positions, self.rope_theta), apply_rope(k, ctx.positions, self.rope_theta)
         if ctx.mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
-        return self.wo(a.transpose(1, 2).reshape(B * T, d), ctx.index).view(B, T, d)
+        return a.transpose(1, 2).reshape(B * T, d)
+
+    def attention(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, d = x.shape
+        h = self.attn_norm(x.reshape(B * T, d), ctx.index)
+        return self.wo(self._attend(self.wqkv(h, ctx.index), ctx), ctx.index).view(B, T, d)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, d = x.shape
+        ix = ctx.index
+        if ix.mixed and any(m.untied for m in (self.attn_norm, self.wqkv, self.wo, self.ffn_norm, self.ffn)):
+            # modality order for the whole block: every per-modality module runs on a contiguous slice; only
+            # attention needs sequence order (Q/K/V unsorted, its output sorted back): four gathers in all
+            xs = ix.sort(x.reshape(B * T, d))
+            qkv = self.wqkv.sorted(self.attn_norm.sorted(xs, ix), ix)
+            xs = xs + self.wo.sorted(ix.sort(self._attend(ix.unsort(qkv), ctx)), ix)
+            xs = xs + self.ffn.sorted(self.ffn_norm.sorted(xs, ix), ix, ctx)
+            return ix.unsort(xs).view(B, T, d)
         x = x + self.attention(x, ctx)
         xf = x.reshape(B * T, d)
-        return (xf + self.ffn(self.ffn_norm(xf, ctx.index), ctx.index, ctx)).view(B, T, d)
+        return (xf + self.ffn(self.ffn_norm(xf, ix), ix, ctx)).view(B, T, d)
 
 
 class MoDBlock(nn.Module):

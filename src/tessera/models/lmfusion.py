@@ -138,27 +138,38 @@ class LMFusionModel(nn.Module):
             position_ids = (torch.arange(T, device=tokens.device) + past).unsqueeze(0)
         mask = self.attention_mask(modality, image_id, attention_mask, x, position_ids, cache)
         position_embeddings = self.base.model.rotary_emb(x, position_ids=position_ids)
+        # the residual stream stays in modality order (text rows, then image rows) through every layer, so each
+        # per-modality module runs on a contiguous slice; sequence order only for attention (identity for text only)
+        xs = self._sort(index, x.reshape(B * T, -1))
         for i in range(len(self.base.model.layers)):
-            x = self._layer(i, x, index, position_embeddings, mask, cache)
+            xs = self._layer(i, xs, index, position_embeddings, mask, cache, (B, T))
         image_norm = self.image_norm if self.image_norm is not None else self.base.model.norm
-        hidden = _dispatch(self.base.model.norm, image_norm, x.reshape(B * T, -1), index).view(B, T, -1)
+        hidden = self._unsort(index, _dispatch(self.base.model.norm, image_norm, xs, index)).view(B, T, -1)
         return FusionOutput(hidden, index, state, cache)
 
-    def _layer(self, i: int, x: torch.Tensor, index: ModalityIndex, position_embeddings, mask, cache) -> torch.Tensor:
+    def _sort(self, index: ModalityIndex, x: torch.Tensor) -> torch.Tensor:
+        """Sequence -> modality order (nothing to do for the Transfusion baseline: one set of modules)."""
+        return index.sort(x) if self.image_layers is not None else x
+
+    def _unsort(self, index: ModalityIndex, x: torch.Tensor) -> torch.Tensor:
+        return index.unsort(x) if self.image_layers is not None else x
+
+    def _layer(self, i: int, xs: torch.Tensor, index: ModalityIndex, position_embeddings, mask, cache,
+               bt: tuple[int, int]) -> torch.Tensor:
         """One fused layer (LMFusion section 3): per-modality norm and Q/K/V, one shared
-        attention with RoPE over all tokens, per-modality O, norm and FFN, residuals."""
+        attention with RoPE over all tokens, per-modality O, norm and FFN, residuals.
+        ``xs [B*T, d]`` and the result are in modality order (:meth:`ModalityIndex.sort`)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         text = self.base.model.layers[i]
         attn = text.self_attn
         img = self.image_layers[i] if self.image_layers is not None else _SharedLayer(text)
-        B, T, d = x.shape
-        xf = x.reshape(B * T, d)
-        h = _dispatch(text.input_layernorm, img.input_layernorm, xf, index)
+        B, T = bt
+        h = _dispatch(text.input_layernorm, img.input_layernorm, xs, index)
         shape = (B, T, -1, attn.head_dim)
-        q = _dispatch(attn.q_proj, img.q_proj, h, index).view(shape).transpose(1, 2)
-        k = _dispatch(attn.k_proj, img.k_proj, h, index).view(shape).transpose(1, 2)
-        v = _dispatch(attn.v_proj, img.v_proj, h, index).view(shape).transpose(1, 2)
+        q = self._unsort(index, _dispatch(attn.q_proj, img.q_proj, h, index)).view(shape).transpose(1, 2)
+        k = self._unsort(index, _dispatch(attn.k_proj, img.k_proj, h, index)).view(shape).transpose(1, 2)
+        v = self._unsort(index, _dispatch(attn.v_proj, img.v_proj, h, index)).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
@@ -166,11 +177,10 @@ class LMFusionModel(nn.Module):
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(self.base.config._attn_implementation,
                                                    sys.modules[type(attn).__module__].eager_attention_forward)
         a, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-        a = a.reshape(B * T, -1).contiguous()
-        xf = xf + _dispatch(attn.o_proj, img.o_proj, a, index)
-        h = _dispatch(text.post_attention_layernorm, img.post_attention_layernorm, xf, index)
-        xf = xf + _dispatch(text.mlp, img.mlp, h, index)
-        return xf.view(B, T, d)
+        a = self._sort(index, a.reshape(B * T, -1).contiguous())
+        xs = xs + _dispatch(attn.o_proj, img.o_proj, a, index)
+        h = _dispatch(text.post_attention_layernorm, img.post_attention_layernorm, xs, index)
+        return xs + _dispatch(text.mlp, img.mlp, h, index)
 
     def embed(self, tokens: torch.Tensor, index: ModalityIndex, patches: torch.Tensor | None,
               timesteps: torch.Tensor | None) -> tuple[torch.Tensor, object]:
@@ -333,24 +343,23 @@ def _param_dtype(mod: nn.Module) -> torch.dtype:
     return next(mod.parameters()).dtype
 
 
-def _dispatch(text_mod: nn.Module, image_mod: nn.Module, x: torch.Tensor, index: ModalityIndex) -> torch.Tensor:
-    """Apply ``text_mod`` to the text rows and ``image_mod`` to the image rows of ``x [N, d]`` (MoT Algorithm 1).
+def _dispatch(text_mod: nn.Module, image_mod: nn.Module, xs: torch.Tensor, index: ModalityIndex) -> torch.Tensor:
+    """Apply ``text_mod`` to the text rows and ``image_mod`` to the image rows of ``xs [N, d]`` (MoT Algorithm 1),
+    ``xs`` in modality order (:meth:`~tessera.models.modality.ModalityIndex.sort`: text rows first), so each
+    module runs on a contiguous slice and the two results are concatenated.
 
-    Same gather/scatter as :class:`~tessera.models.modality.PerModality`, with the text module being the
-    frozen base model's own (not re-registered) and a shortcut when one modality is absent (so text-only
-    input runs the base modules on the very same tensor the base model sees).
+    The text module is the frozen base model's own (not re-registered); when one modality is absent the
+    module runs on the very tensor given (text-only input: exactly what the base model computes).
     """
     n_text, n_img = index.counts[TEXT], index.counts[IMAGE]
     if n_img == 0 or image_mod is text_mod:
-        return text_mod(x)
+        return text_mod(xs)
     if n_text == 0:
-        return image_mod(x.to(_param_dtype(image_mod))).to(x.dtype)
-    yt = text_mod(x.index_select(0, index.idx[TEXT]))
-    yi = image_mod(x.index_select(0, index.idx[IMAGE]).to(_param_dtype(image_mod)))
-    out = yt.new_empty((x.shape[0], yt.shape[-1]))
-    out[index.idx[TEXT]] = yt
-    out[index.idx[IMAGE]] = yi.to(yt.dtype)
-    return out
+        return image_mod(xs.to(_param_dtype(image_mod))).to(xs.dtype)
+    xt, xi = index.slices(xs)
+    yt = text_mod(xt)
+    yi = image_mod(xi.to(_param_dtype(image_mod)))
+    return torch.cat([yt, yi.to(yt.dtype)], dim=0)
 
 
 class _SharedLayer:
