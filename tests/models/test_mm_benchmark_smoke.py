@@ -80,3 +80,34 @@ def test_two_workers_train_runs_side_by_side_and_stop_at_the_match(tmp_path):
     reached = all(last[k] <= dense_last[k] for k in ("val_text_loss", "val_image_loss", "val_model_loss"))
     assert mot["stopped_at_match"] == (mot["steps"] < 12) and (not mot["stopped_at_match"] or reached)
     assert list((tmp_path / "runs" / "smoke").glob("judge_s0_*.safetensors"))  # the judge, shared by the seed's runs
+
+
+def test_retime_replaces_only_the_timing_of_a_recording(tmp_path):
+    """--retime reruns the timing phase on the recorded config (shrunk here) and touches nothing else."""
+    rec = json.loads((ROOT / "benchmarks" / "results" / "mixed_modal.json").read_text())
+    rec["config"]["base"].update(d_model=32, batch_size=8, threads=1)
+    rec["settings"] = {"chameleon": {**rec["settings"]["chameleon"]}}
+    out = tmp_path / "mm.json"
+    out.write_text(json.dumps(rec))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed_modal.py"), "--retime", "--out", str(out),
+                           "--timing-steps", "3", "--timing-rounds", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    new = json.loads(out.read_text())
+    timing = new["settings"]["chameleon"]["timing"]
+    assert timing != rec["settings"]["chameleon"]["timing"] and 0 < timing["ratio_to_dense"]["mot"] < 10
+    wall = new["goals"]["mot_wall_per_step_ratio"]
+    assert wall["measured"] == timing["ratio_to_dense"]["mot"] and wall["met"] == (wall["measured"] <= 1.3)
+    assert new["timing_rerun"]["timing_before"]["chameleon"] == rec["settings"]["chameleon"]["timing"]
+    for key in ("goals", "settings"):  # everything else as recorded
+        for k in rec[key]:
+            if k not in ("mot_wall_per_step_ratio", "chameleon"):
+                assert new[key][k] == rec[key][k]
+    assert {k: v for k, v in new["settings"]["chameleon"].items() if k != "timing"} == \
+        {k: v for k, v in rec["settings"]["chameleon"].items() if k != "timing"}
+
+
+def test_retime_without_a_recording_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mixed_modal.py"), "--retime", "--out",
+                           str(tmp_path / "none.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--retime needs a recorded run" in proc.stderr and not list(tmp_path.iterdir())

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mm_helpers import tiny_batch, tiny_data, tiny_lm  # noqa: E402
 
 from tessera.models.blocks import Block, ExpertChoiceMoE, ForwardContext, apply_rope  # noqa: E402
-from tessera.models.decoder import MixedModalConfig, build_block  # noqa: E402
+from tessera.models.decoder import MixedModalConfig, build_block, timestep_embedding  # noqa: E402
 from tessera.models.flops import forward_flops_per_token  # noqa: E402
 from tessera.models.masks import causal_mask, transfusion_mask  # noqa: E402
 from tessera.models.modality import IMAGE, TEXT, ModalityRouter  # noqa: E402
@@ -99,6 +99,36 @@ def test_mot_block_matches_reference_whatever_modalities_are_present(rows):
     for m in (0, 1):  # gradients reach exactly the modules of the modalities present
         g = block.wqkv.mods[m].weight.grad
         assert (g is not None and bool(g.abs().sum() > 0)) == (m in used)
+
+
+@pytest.mark.parametrize("variant", ["mot", "moma", "mot_mod"])
+@pytest.mark.parametrize("setting", ["chameleon", "transfusion"])
+def test_decoder_in_modality_order_equals_block_by_block(variant, setting):
+    """MoT / MoMa keep the residual stream in modality order across blocks (MoD blocks fall back to each
+    block sorting for itself): the same hidden states as running every block in sequence order."""
+    data = tiny_data(setting)
+    model = tiny_lm(setting, variant, data).model.eval()
+    b = tiny_batch(data)
+    tokens, modality = b["tokens"], b["modality"]
+    B, T = tokens.shape
+    kw = {}
+    if setting == "transfusion":
+        kw = {"patches": b["patches"], "timesteps": torch.full((B, T), 300)}
+    with torch.no_grad():
+        got, ctx = model(tokens, modality, b.get("mask"), **kw)
+        # the reference: the same embeddings, then each block on [B, T, d] as a standalone module
+        x = model.embed(tokens)
+        if setting == "transfusion":
+            img = ctx.index.idx[IMAGE]
+            xf = x.reshape(B * T, -1).clone()
+            xf[img] = model.patch_in(b["patches"].reshape(B * T, -1)[img]) + model.time_mlp(
+                timestep_embedding(torch.full((img.numel(),), 300), model.cfg.d_model))
+            x = xf.view(B, T, -1)
+        ref_ctx = _ctx(modality, b.get("mask"))
+        for layer in model.layers:
+            x = layer(x, ref_ctx)
+        want = model.norm(x.reshape(B * T, -1), ref_ctx.index).view(B, T, -1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_moma_block_routes_each_modality_to_its_own_group():

@@ -213,17 +213,29 @@ class Block(nn.Module):
         h = self.attn_norm(x.reshape(B * T, d), ctx.index)
         return self.wo(self._attend(self.wqkv(h, ctx.index), ctx), ctx.index).view(B, T, d)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    @property
+    def untied(self) -> bool:
+        """Some part has a module per modality (MoT; MoMa's expert groups)."""
+        return any(m.untied for m in (self.attn_norm, self.wqkv, self.wo, self.ffn_norm, self.ffn))
+
+    def forward_sorted(self, xs: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The block on ``xs [B*T, d]`` in modality order (:meth:`ModalityIndex.sort`), result in modality order:
+        every per-modality module runs on a contiguous slice; only attention needs sequence order (Q/K/V
+        unsorted, its output sorted back)."""
+        ix = ctx.index
+        qkv = self.wqkv.sorted(self.attn_norm.sorted(xs, ix), ix)
+        xs = xs + self.wo.sorted(ix.sort(self._attend(ix.unsort(qkv), ctx)), ix)
+        return xs + self.ffn.sorted(self.ffn_norm.sorted(xs, ix), ix, ctx)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, presorted: bool = False) -> torch.Tensor:
+        """``x [B, T, d]``; ``presorted``: ``x`` is ``[B*T, d]`` in modality order and so is the result (the
+        decoder's path for MoT / MoMa; through ``__call__``, so FSDP's hooks gather the block's parameters)."""
+        if presorted:
+            return self.forward_sorted(x, ctx)
         B, T, d = x.shape
         ix = ctx.index
-        if ix.mixed and any(m.untied for m in (self.attn_norm, self.wqkv, self.wo, self.ffn_norm, self.ffn)):
-            # modality order for the whole block: every per-modality module runs on a contiguous slice; only
-            # attention needs sequence order (Q/K/V unsorted, its output sorted back): four gathers in all
-            xs = ix.sort(x.reshape(B * T, d))
-            qkv = self.wqkv.sorted(self.attn_norm.sorted(xs, ix), ix)
-            xs = xs + self.wo.sorted(ix.sort(self._attend(ix.unsort(qkv), ctx)), ix)
-            xs = xs + self.ffn.sorted(self.ffn_norm.sorted(xs, ix), ix, ctx)
-            return ix.unsort(xs).view(B, T, d)
+        if ix.mixed and self.untied:
+            return ix.unsort(self.forward_sorted(ix.sort(x.reshape(B * T, d)), ctx)).view(B, T, d)
         x = x + self.attention(x, ctx)
         xf = x.reshape(B * T, d)
         return (xf + self.ffn(self.ffn_norm(xf, ix), ix, ctx)).view(B, T, d)

@@ -195,6 +195,14 @@ class MixedModalTransformer(nn.Module):
                 emb = emb + self.patch_pos(k)
             xf[img] = emb.to(xf.dtype)  # bf16 under autocast; the residual stream keeps the embeddings' dtype
             x = xf.view(B, T, -1)
+        ix = ctx.index
+        if ix.mixed and all(isinstance(layer, Block) and layer.untied for layer in self.layers):
+            # MoT / MoMa without MoD: the residual stream stays in modality order from the embeddings to the final
+            # norm (two gathers per block, for attention, instead of four)
+            xs = ix.sort(x.reshape(B * T, -1))
+            for layer in self.layers:
+                xs = layer(xs, ctx, presorted=True)
+            return ix.unsort(self.norm(xs, ix, presorted=True)).view(B, T, -1), ctx
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x.reshape(B * T, -1), ctx.index).view(B, T, -1), ctx

@@ -104,8 +104,10 @@ class PerModality(nn.Module):
     def untied(self) -> bool:
         return len(self.mods) > 1
 
-    def forward(self, x: torch.Tensor, index: ModalityIndex, ctx=None) -> torch.Tensor:
-        """``x [N, d]`` in sequence order -> ``[N, d_out]`` in sequence order."""
+    def forward(self, x: torch.Tensor, index: ModalityIndex, ctx=None, presorted: bool = False) -> torch.Tensor:
+        """``x [N, d]`` in sequence order -> ``[N, d_out]`` in sequence order (``presorted``: both in modality order)."""
+        if presorted:
+            return self.sorted(x, index, ctx)
         if not self.untied:
             return self._call(self.mods[0], x, ctx)
         return index.unsort(self.sorted(index.sort(x), index, ctx))
