@@ -309,3 +309,30 @@ def test_mod_causal_path_computes_only_the_selected_tokens_and_matches_the_maske
         w = torch.sigmoid(mod.router(x).squeeze(-1))
         want = torch.where(selected[..., None], x + w[..., None] * (ys - x), x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["moma_mod", "moe_tc"])
+def test_aux_losses_survive_fsdp_rebuilding_block_inputs(variant):
+    """FSDP2 with a bf16 policy (the CUDA path) rebuilds each block's input containers before the block runs
+    (``cast_forward_inputs`` -> ``_apply_to_tensors``: every dataclass, dict and list is copied).  The same
+    rebuilding as a pre-hook on every block leaves the auxiliary losses and stats as without it."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    data = tiny_data("chameleon")
+    b = tiny_batch(data)
+
+    def run(rebuild: bool) -> dict:
+        lm = tiny_lm("chameleon", variant, data)
+        if rebuild:
+            for layer in lm.model.layers:
+                layer.register_forward_pre_hook(
+                    lambda mod, args, kwargs: (_apply_to_tensors(lambda t: t.clone(), args),
+                                               _apply_to_tensors(lambda t: t.clone(), kwargs)), with_kwargs=True)
+        return lm(b)
+
+    plain, rebuilt = run(False), run(True)
+    aux = {k for k in plain if k in ("aux_router", "load_balance") or k.endswith(("acc", "fraction"))}
+    assert aux, "the variant should report auxiliary losses or routing stats"
+    for k in aux:
+        torch.testing.assert_close(rebuilt[k], plain[k])
+    torch.testing.assert_close(rebuilt["loss"], plain["loss"])

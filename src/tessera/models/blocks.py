@@ -30,6 +30,20 @@ from tessera.models.routers import (AuxRouter, expert_capacity, expert_choice_ro
                                     token_choice_route)
 
 
+class LossSink:
+    """Where the blocks of one forward put their auxiliary losses and routing stats.
+
+    A plain object, not a dict or dataclass, on purpose: FSDP2 with a mixed-precision policy rebuilds
+    every dataclass, dict and list in a block's inputs before each block (``cast_forward_inputs``,
+    ``torch.distributed.utils._apply_to_tensors``), which would leave a block appending to a copy; an
+    object of another type passes through by reference.
+    """
+
+    def __init__(self):
+        self.losses: dict[str, list[torch.Tensor]] = {}
+        self.stats: dict[str, list[torch.Tensor]] = {}
+
+
 @dataclass
 class ForwardContext:
     """Per-forward state shared by all layers: routing computed once, masks, positions, aux losses.
@@ -43,8 +57,15 @@ class ForwardContext:
     positions: torch.Tensor  # [B, T]
     mask: torch.Tensor | None = None  # [B, 1, T, T] bool; None = causal
     routing: str = "batch"
-    aux_losses: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
+    sink: LossSink = field(default_factory=LossSink)  # shared by every copy of this context
+
+    @property
+    def aux_losses(self) -> dict[str, list[torch.Tensor]]:
+        return self.sink.losses
+
+    @property
+    def stats(self) -> dict[str, list[torch.Tensor]]:
+        return self.sink.stats
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self.aux_losses.setdefault(name, []).append(value)

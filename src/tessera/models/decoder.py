@@ -196,7 +196,7 @@ class MixedModalTransformer(nn.Module):
             xf[img] = emb.to(xf.dtype)  # bf16 under autocast; the residual stream keeps the embeddings' dtype
             x = xf.view(B, T, -1)
         ix = ctx.index
-        if ix.mixed and all(isinstance(layer, Block) and layer.untied for layer in self.layers):
+        if ix.mixed and all(getattr(layer, "untied", False) for layer in self.layers):  # Block (or a wrapper of one)
             # MoT / MoMa without MoD: the residual stream stays in modality order from the embeddings to the final
             # norm (two gathers per block, for attention, instead of four)
             xs = ix.sort(x.reshape(B * T, -1))
