@@ -98,8 +98,8 @@ CONDITIONING_FINDING = (
     "The frozen text side's caption features are what the image side fails to read at this scale: the same model with "
     "its text modules trained (freeze_text=false) reaches generation 0.52 in 1,000 steps where frozen stays at 0.06-0.12 "
     "whatever the learning rate, caption share, start token or guidance scale; the image queries put less attention on "
-    "the caption (0.03-0.11 per layer against 0.06-0.28 for the baseline) and the right caption lowers the noise "
-    "prediction error by 1-2% (baseline 11-35%).  Understanding, where the trainable image keys and values adapt to "
+    "the caption (0.03-0.11 per layer against 0.06-0.28 for the baseline) and a wrong caption raises the noise "
+    "prediction error by 0.1-0.6% over the right one (baseline 16-41%).  Understanding, where the trainable image keys and values adapt to "
     "frozen text queries, learns fast (0.8-0.87 in 1,000-1,500 steps).  The frozen caption values do carry the digit "
     "(their spread across digits is 0.3-1.8 of their mean's norm, the baseline's 0.8-1.3), so the gap is in learning to "
     "read them, not in what they hold.")
