@@ -60,23 +60,38 @@ def goal(target: float, measured, higher_is_better: bool = True, digits: int | N
 
 def run_all(fn, jobs: dict[str, tuple], workers: int, on_done=None) -> dict:
     """``{key: fn(*args)}`` for ``jobs = {key: args}``, ``workers`` calls at a time in spawned processes (``fn`` a
-    top-level function of the calling script; ``on_done(key, result)`` as each finishes).  Two one-thread runs
-    side by side train 1.48x the steps per second of one run on both cores of this machine (a 64x2 mixed-modal
-    model, measured)."""
+    top-level function of the calling script), in the order given.  ``on_done(key, result)`` runs as each call
+    finishes and may return more jobs (a dict like ``jobs``), queued behind the rest: work that depends on
+    earlier results joins the same pool instead of waiting for it to drain.  Two one-thread runs side by side
+    train 1.48x the steps per second of one run on both cores of this machine (a 64x2 mixed-modal model,
+    measured)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     out: dict = {}
-    if workers <= 1 or len(jobs) <= 1:
-        for key, args in jobs.items():
-            out[key] = fn(*args)
-            if on_done:
-                on_done(key, out[key])
-        return out
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
-        futures = {ex.submit(fn, *args): key for key, args in jobs.items()}
-        for fut in as_completed(futures):
-            out[futures[fut]] = fut.result()
-            if on_done:
-                on_done(futures[fut], out[futures[fut]])
-    return {key: out[key] for key in jobs}
+    order = list(jobs)
+
+    def finished(key: str, result) -> dict:
+        out[key] = result
+        more = (on_done(key, result) if on_done else None) or {}
+        clash = set(more) & (set(order) | set(out))
+        if clash:
+            raise ValueError(f"run_all: job keys added twice: {sorted(clash)}")
+        order.extend(more)
+        return more
+
+    if workers <= 1:
+        queue = dict(jobs)
+        while queue:
+            key = next(iter(queue))
+            queue.update(finished(key, fn(*queue.pop(key))))
+        return {key: out[key] for key in order}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        running = {ex.submit(fn, *args): key for key, args in jobs.items()}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                key = running.pop(fut)
+                for k, args in finished(key, fut.result()).items():
+                    running[ex.submit(fn, *args)] = k
+    return {key: out[key] for key in order}

@@ -200,7 +200,7 @@ def timing_phase(setting: str, names: list[str], base: dict, steps: int, rounds:
         c = Config(setting=setting, **{**base, **VARIANTS[n]})
         torch.manual_seed(0)
         models[n] = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim, data.image_len), setting).to(device)
-        opts[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-3)
+        opts[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-3, fused=True)  # as the recipe
     times: dict[str, list[float]] = {n: [] for n in names}
     rng = np.random.default_rng(0)
     for r in range(rounds):
@@ -229,7 +229,7 @@ def candidates(specs: list[str], base: dict, per_setting: dict, steps: int = 8, 
             c = Config(setting=setting, **{**base, **per_setting[setting], "d_model": d, "n_layers": L, "n_heads": max(4, d // 32)})
             torch.manual_seed(0)
             lm = MixedModalLM(model_config(c, data.vocab.size, data.patch_dim, data.image_len), setting).to(device)
-            opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
+            opt = torch.optim.AdamW(lm.parameters(), lr=1e-3, fused=True)  # as the recipe
             rng = np.random.default_rng(0)
             ts = []
             for s in range(steps):
@@ -590,6 +590,11 @@ def main() -> None:
             key += ((f"_{args.prediction_type}_lr{args.lr_transfusion:g}_lambda{args.diffusion_lambda:g}_cfg{args.guidance:g}"
                      f"_umaxt{args.understanding_max_t}_udiff{args.understanding_diffusion}")
                     if setting == "transfusion" else f"_{args.digit_tokens}{args.digit_codes}_lr{args.lr:g}")
+            defaults = {"snr": ap.get_default("snr_gamma"), "batch": ap.get_default("batch_size"),
+                        "evalbatches": ap.get_default("eval_batches"), "seed": 0}
+            values = {"snr": args.snr_gamma if setting == "transfusion" else defaults["snr"], "batch": args.batch_size,
+                      "evalbatches": args.eval_batches, "seed": seeds[0]}
+            key += "".join(f"_{k}{v:g}" for k, v in values.items() if v != defaults[k])
             old.setdefault("gate_probe", {})[key] = {**probe, "machine": results["machine"], "config": sbase,
                                                      "command": " ".join(sys.argv), "curve": run["curve"]}
             write_json(old, out_path)
@@ -638,9 +643,10 @@ def main() -> None:
                                     and not any(r["overfit"]["flag"] for r in d.values()))}
         print(f"{setting} gate: {json.dumps({k: v for k, v in S['gate'].items() if k != 'overfit'})}", flush=True)
     write_json(results, out_path)
-    # 2. MoT (every setting and seed) and the MoMa grid (one setting, first seed), side by side
+    # 2. MoT (every setting and seed), the MoMa grid (one setting, first seed) and then MoMa's best configuration
+    # on the other seeds, all in one pool: the best configuration's runs are queued as soon as the grid is done
     moma = args.moma_setting in settings and "moma" in phases
-    jobs: dict[str, tuple] = {}  # the longest first (MoD), so that the two workers finish together
+    jobs: dict[str, tuple] = {}  # the longest first (MoD, the grid), so that the two workers finish together
     if moma:  # MoD with dense's training FLOPs (more steps), for its inference measurement below
         setting = args.moma_setting
         dcfg = model_config(Config(setting=setting, **bases[setting]), 1, 0)
@@ -648,32 +654,41 @@ def main() -> None:
         mod_ratio = forward_flops_per_token(dcfg, T) / forward_flops_per_token(replace(dcfg, variant="dense_mod"), T)
         jobs[f"dense_mod_s{seeds[0]}|{setting}"] = job(setting, "dense_mod", seeds[0],
                                                        steps=int(round(bases[setting]["steps"] * mod_ratio)))
+        jobs.update({f"{name}_s{seeds[0]}|{setting}": job(setting, name, seeds[0], **until_match(setting, seeds[0]))
+                     for name in MOMA})
     if "mot" in phases:
         jobs.update({f"mot_s{seed}|{s}": job(s, "mot", seed, **until_match(s, seed)) for s in settings for seed in seeds})
-    if moma:
-        jobs.update({f"{name}_s{seeds[0]}|{args.moma_setting}": job(args.moma_setting, name, seeds[0],
-                                                                     **until_match(args.moma_setting, seeds[0]))
-                     for name in MOMA})
-    run_all(run_one, jobs, args.workers, done)
+    grid: dict = {}
+
+    def done_then_best(key: str, run: dict) -> dict:
+        """Records ``run``; once the last grid run is in, the best configuration's runs on the other seeds."""
+        done(key, run)
+        if not moma or run["setting"] != args.moma_setting or key.split("|")[0] not in {f"{n}_s{seeds[0]}" for n in MOMA}:
+            return {}
+        S, d0 = results["settings"][args.moma_setting], dense[args.moma_setting][seeds[0]]
+        name = key.split("|")[0].rsplit("_s", 1)[0]
+        grid[name] = {**vs_dense(run, d0), "params": param_counts(run["model_config"]),
+                      "generation": run["generation_causal"], "captioning": run["captioning_causal"]}
+        if len(grid) < len(MOMA):
+            return {}
+        S["moma_grid"] = {n: grid[n] for n in MOMA}
+        best = max(grid, key=lambda n: (grid[n]["flops_saving_total"] or 0.0, -grid[n]["final_total_minus_dense"]))
+        S["moma_best"] = {"variant": best}
+        return {f"{best}_s{seed}|{args.moma_setting}": job(args.moma_setting, best, seed, **until_match(args.moma_setting, seed))
+                for seed in seeds[1:]}
+
+    run_all(run_one, jobs, args.workers, done_then_best)
     if "mot" in phases:
         for setting in settings:
             S = results["settings"][setting]
             mot = [vs_dense(S["runs"][f"mot_s{s}"], dense[setting][s]) for s in seeds]
             S["mot_vs_dense"] = {"per_seed": mot, **{k: spread([m[k] for m in mot]) for k in mot[0]
                                                      if k.startswith(("steps_ratio", "wall_ratio", "final_"))}}
-    # 3. MoMa's best configuration on the other seeds; MoD at inference, with its causal routers
+    # 3. MoMa's best configuration on every seed; MoD at inference, with its causal routers
     if moma:
         setting = args.moma_setting
         S, d0 = results["settings"][setting], dense[setting][seeds[0]]
-        grid = {}
-        for name in MOMA:
-            run = S["runs"][f"{name}_s{seeds[0]}"]
-            grid[name] = {**vs_dense(run, d0), "params": param_counts(run["model_config"]),
-                          "generation": run["generation_causal"], "captioning": run["captioning_causal"]}
-        S["moma_grid"] = grid
-        best = max(grid, key=lambda n: (grid[n]["flops_saving_total"] or 0.0, -grid[n]["final_total_minus_dense"]))
-        run_all(run_one, {f"{best}_s{seed}|{setting}": job(setting, best, seed, **until_match(setting, seed)) for seed in seeds[1:]},
-                args.workers, done)
+        best = S["moma_best"]["variant"]
         per = [vs_dense(S["runs"][f"{best}_s{s}"], dense[setting][s]) for s in seeds]
         S["moma_best"] = {"variant": best, "per_seed": per,
                           **{k: spread([m[k] for m in per]) for k in per[0] if k.startswith(("flops_saving", "final_"))}}

@@ -336,3 +336,18 @@ def test_aux_losses_survive_fsdp_rebuilding_block_inputs(variant):
     for k in aux:
         torch.testing.assert_close(rebuilt[k], plain[k])
     torch.testing.assert_close(rebuilt["loss"], plain["loss"])
+
+
+def test_rope_angles_are_computed_once_per_context_and_afresh_for_a_token_subset():
+    from tessera.models.blocks import rope_cos_sin
+
+    modality = torch.tensor([[TEXT, IMAGE, IMAGE, TEXT, TEXT, IMAGE]])
+    ctx = _ctx(modality)
+    cs = ctx.rope(8, 10000.0, torch.float32)
+    assert ctx.rope(8, 10000.0, torch.float32) is cs  # every layer reuses the first layer's angles
+    sel = torch.tensor([[1, 4, 5]])
+    sub = ctx.subset(sel, ModalityRouter())  # MoD: the selected tokens keep their own positions
+    got = sub.rope(8, 10000.0, torch.float32)
+    want = rope_cos_sin(torch.tensor([[1, 4, 5]]), 8, 10000.0)
+    assert got[0].shape == (1, 1, 3, 4) and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert ctx.rope(8, 10000.0, torch.float32) is cs and cs[0].shape == (1, 1, 6, 4)

@@ -58,6 +58,14 @@ class ForwardContext:
     mask: torch.Tensor | None = None  # [B, 1, T, T] bool; None = causal
     routing: str = "batch"
     sink: LossSink = field(default_factory=LossSink)  # shared by every copy of this context
+    rope_cache: dict = field(default_factory=dict, repr=False, compare=False)  # of these positions: see rope()
+
+    def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's ``(cos, sin)`` for ``positions``, computed once per forward instead of twice per layer."""
+        key = (head_dim, theta, dtype)
+        if key not in self.rope_cache:
+            self.rope_cache[key] = rope_cos_sin(self.positions, head_dim, theta, dtype)
+        return self.rope_cache[key]
 
     @property
     def aux_losses(self) -> dict[str, list[torch.Tensor]]:
@@ -77,15 +85,24 @@ class ForwardContext:
         """The context for the gathered positions ``sel`` ``[B, k]`` (MoD); losses and stats are shared."""
         modality = self.modality.gather(1, sel)
         return replace(self, index=router.route(modality), modality=modality, positions=self.positions.gather(1, sel),
-                       mask=gather_mask(self.mask, sel))
+                       mask=gather_mask(self.mask, sel), rope_cache={})
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (Su et al. 2021) on ``[B, H, T, dh]`` with positions ``[B, T]``."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[B, 1, T, head_dim / 2]`` of the rotary angles ``position * theta^(-i / (head_dim / 2))``."""
+    half = head_dim // 2
+    freqs = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     ang = positions[:, None, :, None].float() * freqs
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021) on ``[B, H, T, dh]`` with positions ``[B, T]``
+    (``cos_sin``: :func:`rope_cos_sin` of them, when already computed)."""
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(positions, x.shape[-1], theta, x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -222,7 +239,8 @@ class Block(nn.Module):
         B, T = ctx.modality.shape
         d = qkv.shape[-1] // 3
         q, k, v = qkv.view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, ctx.positions, self.rope_theta), apply_rope(k, ctx.positions, self.rope_theta)
+        cs = ctx.rope(q.shape[-1], self.rope_theta, q.dtype)
+        q, k = apply_rope(q, ctx.positions, cos_sin=cs), apply_rope(k, ctx.positions, cos_sin=cs)
         if ctx.mask is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
