@@ -19,7 +19,7 @@ on both cores).
 2. Gate, per setting, on each dense seed: validation loss plateaued (less than 1% better over the last
    fifth of the run, read off a least-squares line through that fifth's evaluations; the two-point figure is
    recorded beside it as ``plateau_endpoints``), no overfitting (final validation loss within 2% of the run's own minimum), the
-   judge classifies at least 60% of images generated from captions correctly and at least 80% of the
+   judge classifies at least 60% of 100 images generated from captions correctly and at least 80% of the
    captions name the right digit.  The gate is recorded before any comparison.
 3. MoT vs dense, both settings, 3 seeds each (a seed changes the initial weights and the batches):
    steps and wall-clock to reach dense's final image and text validation loss (same seed), mean and
@@ -39,7 +39,7 @@ Goals (``goals``): ``dense_plateau`` <= 0.01, ``dense_generation_gate`` >= 0.6,
 ``moma_best_flops_saving`` >= 2, ``mod_inference_flops_saving`` >= 1.3 (at equal quality: MoD's
 validation loss within 1% of dense's), ``mot_wall_per_step_ratio`` <= 1.3.
 
-    python benchmarks/mixed_modal.py            # the default run (about 39 minutes on 2 cores: over the 30-minute budget)
+    python benchmarks/mixed_modal.py            # the default run (33 minutes on 2 cores: over the 30-minute budget)
     python benchmarks/mixed_modal.py --quick    # the same code, small and short (about 2 minutes)
 """
 
@@ -435,7 +435,7 @@ def retime(out_path: Path, args, device: str) -> None:
     rec["goals"]["mot_wall_per_step_ratio"] = wall_goal(rec["settings"])
     rec["timing_rerun"] = {"command": " ".join(sys.argv), "commit": commit, "date": time.strftime("%Y-%m-%d"),
                            "machine": machine(), "seconds": round(time.perf_counter() - t0, 1),
-                           "timing_before": before, "note": "only the timing phase was rerun (a speed-only change); "
+                           "timing_before": before, "note": "only the timing phase was rerun; "
                            "every other figure is the recorded run's"}
     from tessera.config import atomic_write_text
 
@@ -501,8 +501,8 @@ def main() -> None:
                     help="1 = MoT and MoMa runs stop at the first evaluation that reaches all of the same seed's dense final "
                          "validation losses (all the steps-to-match figures need; their final-loss figures are then at the match); "
                          "0 = every run goes the full --steps")
-    ap.add_argument("--timing-steps", type=int, default=8)
-    ap.add_argument("--timing-rounds", type=int, default=2)
+    ap.add_argument("--timing-steps", type=int, default=20)
+    ap.add_argument("--timing-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0,
                     help="runs trained at once, in separate processes sharing --threads (0 = 2 on CPU, 1 on CUDA)")
