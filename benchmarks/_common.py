@@ -74,7 +74,7 @@ def run_all(fn, jobs: dict[str, tuple], workers: int, on_done=None) -> dict:
     def finished(key: str, result) -> dict:
         out[key] = result
         more = (on_done(key, result) if on_done else None) or {}
-        clash = set(more) & (set(order) | set(out))
+        clash = set(more) & set(order)
         if clash:
             raise ValueError(f"run_all: job keys added twice: {sorted(clash)}")
         order.extend(more)
@@ -88,10 +88,14 @@ def run_all(fn, jobs: dict[str, tuple], workers: int, on_done=None) -> dict:
         return {key: out[key] for key in order}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
         running = {ex.submit(fn, *args): key for key, args in jobs.items()}
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                key = running.pop(fut)
-                for k, args in finished(key, fut.result()).items():
-                    running[ex.submit(fn, *args)] = k
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    key = running.pop(fut)
+                    for k, args in finished(key, fut.result()).items():
+                        running[ex.submit(fn, *args)] = k
+        except BaseException:  # a failed job (or Ctrl-C): the queued ones do not start
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
     return {key: out[key] for key in order}

@@ -28,3 +28,11 @@ def test_jobs_returned_by_on_done_join_the_pool(workers):
 def test_a_key_added_twice_is_refused():
     with pytest.raises(ValueError, match="added twice"):
         run_all(pow, {"a": (2, 3)}, 1, lambda key, result: {"a": (1, 1)})
+
+
+def test_a_failed_job_stops_the_queue():
+    seen = []
+    # pow(0, -1) raises ZeroDivisionError in the worker; the jobs queued behind it never start
+    with pytest.raises(ZeroDivisionError):
+        run_all(pow, {"bad": (0, -1), **{f"j{i}": (2, i) for i in range(50)}}, 1, lambda key, result: seen.append(key))
+    assert seen == []

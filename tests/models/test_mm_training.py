@@ -160,3 +160,23 @@ def test_recipe_stops_at_the_first_evaluation_that_reaches_every_target(tmp_path
                     dump_dir=str(tmp_path / "run2")))
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 4 and res["stopped_at_match"] is False
+
+
+def test_resume_keeps_the_optimizer_implementation_this_run_chose(tmp_path):
+    """A checkpoint's param groups carry the saving run's AdamW flags (fused on plain tensors); a resumed run keeps its own
+    (FSDP2's DTensors take the default implementation)."""
+    from dataclasses import replace
+
+    from tessera.recipes.mixed_modal_pretrain import _build_model, _resume, build_data, main
+    from tessera.train import init_distributed
+
+    cfg = _cfg(tmp_path, steps=2, final_eval=False)
+    out = main(cfg)
+    info = init_distributed("cpu")
+    _, model, _, opt = _build_model(cfg, info, build_data(cfg)[0])
+    assert all(g["fused"] for g in opt.param_groups)  # plain tensors: the fused kernel, as in the saved run
+    for g in opt.param_groups:
+        g["fused"] = None  # what a run on DTensors chooses
+    state = _resume(replace(cfg, resume=True), info, model, opt, out)
+    assert state.step == 2 and all(g["fused"] is None for g in opt.param_groups)
+    assert len(opt.state) > 0  # the moments were loaded
