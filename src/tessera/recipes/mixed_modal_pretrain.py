@@ -357,12 +357,7 @@ def _resume(cfg: Config, info, model, opt, dump_path: Path):
     state = LoopState()
     found = resolve_checkpoint(dump_path / "checkpoint") if cfg.resume else None
     if found is not None:
-        impl = [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
-        state, _ = load_checkpoint(found, model, opt)
-        # a checkpoint's param groups carry the implementation flags of the run that saved it (fused AdamW on plain
-        # tensors); this run's choice stands, e.g. the default implementation for FSDP2's DTensors
-        for g, (fused, foreach) in zip(opt.param_groups, impl):
-            g["fused"], g["foreach"] = fused, foreach
+        state, _ = load_checkpoint(found, model, opt)  # keeps this run's AdamW implementation flags
         if info.is_main:  # drop metric rows logged after the checkpoint
             drop_metrics_after(dump_path / "metrics.jsonl", state.step)
         ui.info(f"resumed from {found} at step {state.step}")

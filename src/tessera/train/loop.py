@@ -194,6 +194,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
             raise InputError(f"{path}: optimizer state for parameters this model lacks ({unknown[0]}, ...); "
                              "resume with the same model config or rerun with resume=false")
+        # the saved param groups carry the implementation flags of the run that saved them (fused AdamW on plain
+        # tensors); this run's choice stands, e.g. the default implementation for FSDP2's DTensors
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, ck["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, strict=False))
+        for g, flags in zip(optimizer.param_groups, impl):
+            g.update(flags)
     return LoopState(**ck["state"]), ck.get("extra", {})
