@@ -55,7 +55,7 @@ def killed_then_rerun(recipe: str, args: list[str], dump: Path, lo: int, hi: int
 def test_mixed_modal_pretrain_survives_kill_9(tmp_path):
     args = ["setting=transfusion", "variant=mot", "d_model=32", "n_layers=2", "n_heads=4", "batch_size=4", "steps=40",
             "eval_every=10", "eval_batches=1", "ckpt_every=6", "log_every=1", "sample_per_class=1", "sample_steps=2",
-            "n_caption_eval=4", "classifier_steps=20", "n_val_images=50", "threads=1"]
+            "n_caption_eval=4", "classifier_steps=20", "n_val_images=50", "threads=1", "ema_decay=0.9"]
     run_recipe("mixed-modal-pretrain", None, [*args, f"dump_dir={tmp_path / 'ref'}"])
     killed_then_rerun("mixed-modal-pretrain", args, tmp_path / "run", 8, 38, seed=1)
     assert_same_run(tmp_path / "ref", tmp_path / "run", "checkpoint/model.safetensors")

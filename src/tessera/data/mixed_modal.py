@@ -144,8 +144,11 @@ class PatchCodebook:
         return patchify(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None], patch).numpy()
 
     def encode(self, images: np.ndarray) -> np.ndarray:
+        # nearest centre: argmin ||p - c||^2 = argmin (||c||^2 - 2 p.c), one matrix product (cdist took 2x as long)
         p = torch.from_numpy(self._patches(images, self.patch))
-        return torch.cdist(p, torch.from_numpy(self.centers)[None]).argmin(-1).numpy().astype(np.int64)
+        c = torch.from_numpy(self.centers)
+        return torch.addmm((c * c).sum(1), p.reshape(-1, c.shape[1]), c.T, alpha=-2.0).argmin(-1) \
+            .view(p.shape[:-1]).numpy().astype(np.int64)
 
     def decode(self, codes) -> torch.Tensor:
         from tessera.data.images import unpatchify
@@ -226,24 +229,38 @@ class MixedModalData:
     def augmented(self, i: int, rng: np.random.Generator) -> np.ndarray:
         """Image ``i`` drawn anew: shifted by up to ``augment_shift`` pixels each way (zero fill) and its
         ink scaled by a gain in ``[1 - augment_gain, 1]``, so that training images do not repeat."""
-        img = self.images[i]
-        s = self.augment_shift
+        return self.augmented_many(np.array([i]), rng)[0]
+
+    def augmented_many(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Images ``idx`` drawn anew as :meth:`augmented` does, in one pass: ``[len(idx), H, W]`` (a shift
+        ``(dy, dx)`` reads ``x[y - dy, x - dx]`` from the zero-padded image, as :func:`shifted`)."""
+        imgs = self.images[idx]
+        k, s = len(idx), self.augment_shift
         if s:
-            dy, dx = (int(v) for v in rng.integers(-s, s + 1, size=2))
-            img = shifted(img, dy, dx)
+            H, W = imgs.shape[1:]
+            d = rng.integers(-s, s + 1, size=(k, 2))
+            pad = np.pad(imgs, ((0, 0), (s, s), (s, s)))
+            rows, cols = (s - d[:, :1]) + np.arange(H), (s - d[:, 1:]) + np.arange(W)
+            imgs = pad[np.arange(k)[:, None, None], rows[:, :, None], cols[:, None, :]]
         if self.augment_gain:
-            img = img * np.float32(1.0 - self.augment_gain * rng.random())
-        return img
+            imgs = imgs * (1.0 - self.augment_gain * rng.random(k)).astype(np.float32)[:, None, None]
+        return imgs
 
     # -- one sequence ----------------------------------------------------------------------------
     def image_tokens(self, i: int, codes: np.ndarray | None = None) -> list[int]:
-        return [self.vocab.image_offset + int(c) for c in (self.codes[i] if codes is None else codes)]
+        return (np.asarray(self.codes[i] if codes is None else codes, dtype=np.int64) + self.vocab.image_offset).tolist()
 
     def image_patches(self, i: int, image: np.ndarray | None = None) -> np.ndarray:
         from tessera.data.images import patchify
 
         x = torch.from_numpy((self.images[i] if image is None else image)[None, None] * 2.0 - 1.0)
         return patchify(x, self.patch_size)[0].numpy()
+
+    def patches_many(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`image_patches` of ``images [N, H, W]`` in one call: ``[N, L, patch_dim]``."""
+        from tessera.data.images import patchify
+
+        return patchify(torch.from_numpy(images[:, None] * 2.0 - 1.0), self.patch_size).numpy()
 
     def pair_tokens(self, i: int, caption: str, caption_first: bool,
                     codes: np.ndarray | None = None) -> tuple[list[int], list[int]]:
@@ -285,20 +302,22 @@ class MixedModalData:
             if first and self.cond_dropout and rng.random() < self.cond_dropout:
                 template = ""  # caption dropped (classifier-free guidance): BOS BOI image EOI EOS
             pairs.append((b, i, first, template, None))
+        images = None  # the pairs' images, augmented or not, [len(pairs), H, W]
         if self.augments and pairs:  # drawn after the layout, so a batch's sequences do not depend on augmentation
             arng = np.random.default_rng(int(rng.integers(2**63)))
-            pairs = [(b, i, first, template, self.augmented(i, arng)) for b, i, first, template, _ in pairs]
+            images = self.augmented_many(np.array([p[1] for p in pairs]), arng)
         codes = None
-        if self.setting == "chameleon" and self.augments and pairs:
-            codes = np.asarray(self.encode(np.stack([p[4] for p in pairs])))
-        for k, (b, i, first, template, img) in enumerate(pairs):
+        if self.setting == "chameleon" and images is not None:
+            codes = np.asarray(self.encode(images))
+        for k, (b, i, first, template, _) in enumerate(pairs):
             toks, mod = self.pair_tokens(i, caption_for(self.labels[i], template), first,
                                          codes[k] if codes is not None else None)
             tokens[b, :len(toks)], modality[b, :len(mod)] = toks, mod
             understanding[b], labels[b] = not first, self.labels[i]
-            if patches is not None:
-                pos = np.nonzero(modality[b] == IMAGE)[0]
-                patches[b, pos] = self.image_patches(i, img)
+        if patches is not None and pairs:  # every pair row holds image_len image positions, rows in order
+            if images is None:
+                images = self.images[np.array([p[1] for p in pairs])]
+            patches[modality == IMAGE] = self.patches_many(images).reshape(-1, self.patch_dim)
         return self.to_batch(tokens, modality, patches, understanding, labels)
 
     def to_batch(self, tokens: np.ndarray, modality: np.ndarray, patches: np.ndarray | None,

@@ -54,8 +54,10 @@ def mean_val_losses(objective, batches: list[dict], device: str = "cpu", seed: i
 
 
 def save_samples_png(images, labels: list[int], path: Path, title: str) -> None:
-    """A 10-row grid (one row per digit) of generated ``images``, written atomically."""
+    """A 10-row grid (one row per digit) of generated ``images``, written atomically: one tiled image with a
+    one-pixel gap between samples (one axes: a 100-axes figure took 2 seconds a run)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -63,12 +65,16 @@ def save_samples_png(images, labels: list[int], path: Path, title: str) -> None:
     from tessera.config import atomic_savefig
 
     per = max(1, labels.count(0))
-    fig, axes = plt.subplots(10, per, figsize=(per * 0.8, 8.5))
-    for i, ax in enumerate(axes.reshape(-1)):
-        ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([]), ax.set_yticks([])
-        if i % per == 0:
-            ax.set_ylabel(str(labels[i]), rotation=0, labelpad=8)
+    h, w = images[0].shape[-2:]
+    grid = np.full((10 * (h + 1) - 1, per * (w + 1) - 1), np.nan, dtype=np.float32)
+    for i in range(min(len(images), 10 * per)):
+        r, c = divmod(i, per)
+        grid[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = images[i].float().numpy()
+    fig, ax = plt.subplots(figsize=(per * 0.8, 8.5))
+    cmap = plt.get_cmap("gray").with_extremes(bad="tab:blue")
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(10)], [str(labels[r * per]) for r in range(10)])
     fig.suptitle(title, fontsize=8)
     atomic_savefig(fig, path, dpi=80)
 

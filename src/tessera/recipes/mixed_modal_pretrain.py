@@ -12,7 +12,9 @@ image) -> a :class:`~tessera.models.objectives.MixedModalLM` of the chosen ``var
 loop of :mod:`tessera.train` (DDP under torchrun, FSDP on GPU) with cumulative training FLOPs logged
 with every metric -> validation loss on text and image tokens separately (expert-choice and MoD
 models also with their causal auxiliary routers) -> image-from-caption generation and captioning,
-scored by a digit classifier trained here.  Dump dir: ``config.yaml``, ``metrics.jsonl`` (rows
+scored by a digit classifier trained here.  ``ema_decay=0.999`` evaluates, samples and captions with an
+exponential moving average of the weights (:mod:`tessera.train.ema`; checkpointed beside them; single
+process or DDP), as diffusion models are judged.  Dump dir: ``config.yaml``, ``metrics.jsonl`` (rows
 ``kind=train|eval`` with ``step``, ``flops``, ``tokens``), ``checkpoint/`` (safetensors + JSON; resumed automatically),
 ``classifier.safetensors``, ``vq.safetensors`` (MNIST + Chameleon), ``samples.png``, ``results.json``.
 
@@ -108,6 +110,10 @@ class Config:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # evaluate, sample and caption with an exponential moving average of the weights (decay warmed up as
+    # min(decay, (1 + n) / (10 + n)), tessera.train.ema); 0 = the raw weights.  Diffusion models are judged by their EMA
+    # (DDPM, DiT): with a few images per batch the raw weights wander by several percent between evaluations
+    ema_decay: float = 0.0
     # stop once an evaluation (batch routing) reaches every one of these validation losses (0 = not a target): the
     # run up to there is the same run (the schedule stays that of ``steps``); benchmarks use it for "steps to match"
     stop_text_loss: float = 0.0
@@ -283,17 +289,23 @@ def main(cfg: Config) -> Path:
     # 2. the model and its objective (seeded here: a cached classifier must not change the draws)
     torch.manual_seed(cfg.seed)
     mcfg, model, core, opt = _build_model(cfg, info, train_data)
+    ema = None
+    if cfg.ema_decay:
+        from tessera.train.ema import weight_ema
+
+        ema = weight_ema(core, cfg.ema_decay)
+    judged = ema.module if ema is not None else core  # what evaluation, sampling and captioning see
     # 3. resume (into the wrapped model: a full state dict is sharded by FSDP, loaded by every DDP rank)
-    state = _resume(cfg, info, model, opt, dump_path)
+    state = _resume(cfg, info, model, opt, dump_path, ema)
     # 4. train
     val_batches = validation_batches(val_data, val_idx, cfg.batch_size, cfg.eval_batches)
     routings = routings_for(cfg.variant, cfg.aux_router)
     state = _train(cfg, info, mcfg, model, core, opt, state, train_data, train_idx, val_batches, routings, dump,
-                   dump_path / "checkpoint")
+                   dump_path / "checkpoint", ema)
     # 5. final evaluation: losses (both routings), generation and captioning accuracy
-    results = _run_summary(cfg, info, mcfg, core, state, train_data, val_batches, routings, data_info, clf_acc)
+    results = _run_summary(cfg, info, mcfg, judged, state, train_data, val_batches, routings, data_info, clf_acc)
     if cfg.final_eval:
-        results.update(_generation_and_captioning(cfg, core, val_data, val_idx, clf, codes_to_images, routings,
+        results.update(_generation_and_captioning(cfg, judged, val_data, val_idx, clf, codes_to_images, routings,
                                                   dump_path if dump else None))
     if dump:
         dump.write_results(results)
@@ -316,6 +328,8 @@ def _check_config(cfg: Config) -> None:
         raise InputError(f"unknown router_noise {cfg.router_noise!r}; pass router_noise=none or router_noise=gumbel")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise InputError("steps and batch_size must be >= 1")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise InputError(f"ema_decay must be in [0, 1) (0 = no weight average), got {cfg.ema_decay}")
     from tessera.models.diffusion import PREDICTION_TYPES
 
     if cfg.prediction_type not in PREDICTION_TYPES:
@@ -347,8 +361,9 @@ def _build_model(cfg: Config, info, train_data):
     return mcfg, model, core, opt
 
 
-def _resume(cfg: Config, info, model, opt, dump_path: Path):
-    """The loop state of the latest checkpoint (loaded into ``model`` and ``opt``), or a fresh one."""
+def _resume(cfg: Config, info, model, opt, dump_path: Path, ema=None):
+    """The loop state of the latest checkpoint (loaded into ``model``, ``opt`` and the weight average ``ema``),
+    or a fresh one."""
     from tessera import ui
     from tessera.models.scoring import drop_metrics_after
     from tessera.train import LoopState, load_checkpoint
@@ -357,7 +372,7 @@ def _resume(cfg: Config, info, model, opt, dump_path: Path):
     state = LoopState()
     found = resolve_checkpoint(dump_path / "checkpoint") if cfg.resume else None
     if found is not None:
-        state, _ = load_checkpoint(found, model, opt)  # keeps this run's AdamW implementation flags
+        state, _ = load_checkpoint(found, model, opt, averaged=ema)  # keeps this run's AdamW implementation flags
         if info.is_main:  # drop metric rows logged after the checkpoint
             drop_metrics_after(dump_path / "metrics.jsonl", state.step)
         ui.info(f"resumed from {found} at step {state.step}")
@@ -367,9 +382,10 @@ def _resume(cfg: Config, info, model, opt, dump_path: Path):
 
 
 def _train(cfg: Config, info, mcfg, model, core, opt, state, train_data, train_idx, val_batches, routings, dump,
-           ckpt: Path):
+           ckpt: Path, ema=None):
     """The training loop of :mod:`tessera.train` with analytic FLOPs per batch, train/eval rows in
-    ``metrics.jsonl`` (eval under every routing) and checkpoints; returns the final loop state."""
+    ``metrics.jsonl`` (eval under every routing, of the weight average ``ema`` where there is one) and
+    checkpoints; returns the final loop state."""
     import numpy as np
 
     from tessera import ui
@@ -387,7 +403,7 @@ def _train(cfg: Config, info, mcfg, model, core, opt, state, train_data, train_i
         """Evaluate under every routing; ``True`` when the batch routing reached every stop target."""
         reached = False
         for r in routings:
-            row = mean_val_losses(core, val_batches, info.device, cfg.seed, routing=r)
+            row = mean_val_losses(judged, val_batches, info.device, cfg.seed, routing=r)
             if dump:
                 dump.log(kind="eval", step=step, flops=state.flops, tokens=state.tokens, routing=r, **row)
             if r == "batch" and targets:
@@ -397,14 +413,18 @@ def _train(cfg: Config, info, mcfg, model, core, opt, state, train_data, train_i
     bar = ui.progress()
     task = bar.add_task(f"{cfg.setting}/{cfg.variant}", total=cfg.steps, completed=state.step)
 
+    judged = ema.module if ema is not None else core
+
     def on_step(st: LoopState, logs: dict, dt: float) -> bool:
         bar.update(task, completed=st.step)
+        if ema is not None:
+            ema.update_parameters(core)
         if dump and (st.step % cfg.log_every == 0 or st.step in (1, cfg.steps)):
             dump.log(kind="train", step=st.step, flops=st.flops, tokens=st.tokens, step_s=round(dt, 4),
                      lr=opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in logs.items()})
         stop = (st.step % cfg.eval_every == 0 or st.step == cfg.steps) and run_eval(st.step) and st.step < cfg.steps
         if stop or st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
-            save_checkpoint(ckpt, model, opt, st, {"model_config": mcfg.to_dict()}, info.is_main)
+            save_checkpoint(ckpt, model, opt, st, {"model_config": mcfg.to_dict()}, info.is_main, averaged=ema)
         return stop
 
     if state.step == 0:

@@ -6,6 +6,7 @@ A checkpoint is a folder (written whole under a temporary name, then renamed)::
       model.safetensors       parameters (tied tensors stored once per key, each its own copy)
       optimizer.safetensors   the optimizer's per-parameter tensors (Adam moments, step counters)
       rng.safetensors         torch's CPU (and CUDA) random-number-generator states
+      averaged.safetensors    (optional) a weight average's state, e.g. an EMA (tessera.train.ema)
       state.json              {"format": ..., "loop": LoopState, "extra": ..., "optimizer": its
                                param groups and non-tensor per-parameter values}
 
@@ -113,13 +114,14 @@ def gathered_rng_states() -> bool | dict:
 
 
 def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = None, state: dict | None = None,
-                     extra: dict | None = None, rng: bool | dict = True) -> Path:
+                     extra: dict | None = None, rng: bool | dict = True, averaged: dict | None = None) -> Path:
     """Write a checkpoint folder at ``path`` (replacing one that is there, atomically).
 
     ``model`` maps names to tensors; ``optimizer`` is an optimizer state dict (plain or from
     ``torch.distributed.checkpoint.state_dict``); ``state`` and ``extra`` must be JSON-able.
     ``rng``: ``True`` saves this process's RNG states, a dict saves the given ones (every rank's:
-    ``{"cpu@0": ..., "cpu@1": ...}``), ``False`` none.
+    ``{"cpu@0": ..., "cpu@1": ...}``), ``False`` none.  ``averaged``: a weight average's state dict
+    (names to tensors), written as ``averaged.safetensors``.
     """
     from safetensors.torch import save_file
 
@@ -134,6 +136,8 @@ def write_checkpoint(path: str | Path, model: dict, optimizer: dict | None = Non
             save_file(_unalias(tensors), str(tmp / "optimizer.safetensors"))
         if rng:
             save_file(rng if isinstance(rng, dict) else rng_states(), str(tmp / "rng.safetensors"))
+        if averaged is not None:
+            save_file(_unalias(averaged), str(tmp / "averaged.safetensors"))
         meta["files"] = sorted(p.name for p in tmp.iterdir())
         try:
             text = json.dumps(meta)
@@ -181,7 +185,8 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) -> dict:
-    """Read a checkpoint folder: ``{"model", "optimizer", "state", "extra"}`` (tensors on CPU).
+    """Read a checkpoint folder: ``{"model", "optimizer", "state", "extra", "averaged"}`` (tensors on CPU;
+    ``averaged`` is ``None`` where the run kept no weight average).
 
     Anything that is not this format (a pickle, a truncated or foreign file) raises a one-line
     :class:`InputError`; no byte of it is unpickled.  ``restore_rng`` sets torch's RNG states
@@ -231,7 +236,8 @@ def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) 
         cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))]
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    return {"model": model, "optimizer": opt, "state": meta.get("loop", {}), "extra": meta.get("extra", {})}
+    return {"model": model, "optimizer": opt, "state": meta.get("loop", {}), "extra": meta.get("extra", {}),
+            "averaged": load("averaged.safetensors")}
 
 
 def save_tensors(path: str | Path, tensors: dict) -> Path:

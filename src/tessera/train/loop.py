@@ -159,22 +159,25 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None):
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: LoopState,
-                    extra: dict | None = None, is_main: bool = True) -> None:
+                    extra: dict | None = None, is_main: bool = True, averaged: nn.Module | None = None) -> None:
     """Full model + optimizer state, the loop state and the RNG states, as a checkpoint folder
     (safetensors + JSON, :mod:`tessera.train.checkpoint`); every rank must call it (FSDP gathers),
-    rank 0 writes."""
+    rank 0 writes.  ``averaged``: a weight average kept beside the model (:func:`tessera.train.ema.weight_ema`),
+    saved with it."""
     from tessera.train.checkpoint import gathered_rng_states, write_checkpoint
 
     msd, osd = _state_dicts(model, optimizer)
     rng = gathered_rng_states()  # every rank's RNG states
     if not is_main:
         return
-    write_checkpoint(path, msd, osd, state.to_dict(), extra or {}, rng=rng)
+    avg = {k: v.detach().cpu() for k, v in averaged.state_dict().items()} if averaged is not None else None
+    write_checkpoint(path, msd, osd, state.to_dict(), extra or {}, rng=rng, averaged=avg)
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> tuple[LoopState, dict]:
-    """Load what :func:`save_checkpoint` wrote into ``model`` (and ``optimizer``); returns ``(state, extra)``.
+                    restore_rng: bool = True, averaged: nn.Module | None = None) -> tuple[LoopState, dict]:
+    """Load what :func:`save_checkpoint` wrote into ``model`` (and ``optimizer``, and ``averaged``: the weight
+    average saved beside the model; a checkpoint without one is refused); returns ``(state, extra)``.
 
     Nothing is unpickled: a pickle or a damaged folder raises a one-line ``InputError``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
@@ -201,4 +204,15 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         for g, flags in zip(optimizer.param_groups, impl):
             g.update(flags)
+    if averaged is not None:
+        from tessera.errors import InputError
+
+        if ck.get("averaged") is None:
+            raise InputError(f"{path} holds no weight average (the run that saved it kept none); resume with the "
+                             "same settings (e.g. ema_decay=0) or rerun with resume=false")
+        try:
+            averaged.load_state_dict(ck["averaged"])
+        except RuntimeError as e:
+            raise InputError(f"{path}: the saved weight average does not fit this model ({str(e).splitlines()[0]}); "
+                             "resume with the same model config or rerun with resume=false") from None
     return LoopState(**ck["state"]), ck.get("extra", {})
