@@ -71,3 +71,30 @@ def test_augmentation_needs_an_encoder_in_the_chameleon_setting_and_sane_values(
                        n_image_codes=17, augment_shift=1)
     with pytest.raises(InputError, match="augment_gain"):
         MixedModalData("transfusion", imgs[:4], labels[:4], text_stream([TEXT_DOC]), augment_gain=1.5)
+
+
+@pytest.mark.parametrize("gain", [0.0, 0.3])
+def test_each_rows_patches_are_its_own_images_with_text_rows_and_dropped_captions(gain):
+    """Many images in one batch, text-only rows and caption-dropped pairs: each pair row's patches come from its own
+    image (every image a different constant grey level, named by its label), text-only rows have none."""
+    n = 10
+    imgs = np.repeat(np.linspace(0.1, 1.0, n, dtype=np.float32)[:, None, None], 8, 1).repeat(8, 2)
+    labels = np.arange(n)
+    data = MixedModalData("transfusion", imgs, labels, text_stream([TEXT_DOC]), patch_size=2, text_fraction=0.3,
+                          caption_first=0.5, cond_dropout=0.5, augment_gain=gain)
+    b = data.batch(64, np.random.default_rng(3))
+    kinds = set()
+    for row in range(64):
+        img = b["modality"][row] == IMAGE
+        got = b["patches"][row][img]
+        if b["labels"][row] < 0:  # text only
+            kinds.add("text")
+            assert not img.any() and not b["patches"][row].any()
+            continue
+        level = imgs[int(b["labels"][row]), 0, 0]
+        assert got.shape == (16, 4) and not b["patches"][row][~img].any()
+        values = (got + 1) / 2  # back to [0, 1]: one grey level, the image's own (times the row's ink gain)
+        assert torch.allclose(values, values[0, 0].expand_as(values))
+        assert level * (1 - gain) - 1e-6 <= float(values[0, 0]) <= level + 1e-6
+        kinds.add("dropped" if int(img.nonzero()[0]) == 2 and b["understanding"][row] == 0 else "pair")
+    assert kinds == {"text", "pair", "dropped"}

@@ -70,8 +70,12 @@ def test_mixed_modal_recipe_evaluates_the_average(tmp_path):
                  dump_dir=str(tmp_path / "run"), threads=1, ema_decay=0.5)
     out = main(cfg)
     res = json.loads((out / "results.json").read_text())
-    ck = read_checkpoint(out / "checkpoint")
+    ck = read_checkpoint(out / "checkpoint", averaged=True)
     assert ck["averaged"] is not None and int(ck["averaged"]["n_averaged"]) == 6
+    assert read_checkpoint(out / "checkpoint")["averaged"] is None  # read only when asked for
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in rows if r["kind"] == "eval" and r["step"] == 6]
+    assert len(last_eval) == 1 and {k: last_eval[0][k] for k in res["val"]["batch"]} == res["val"]["batch"]
     train, val, _, val_idx, _, _ = build_data(cfg)
     mcfg = model_config(cfg, train.vocab.size, train.patch_dim, train.image_len)
 
@@ -88,3 +92,19 @@ def test_mixed_modal_recipe_evaluates_the_average(tmp_path):
     with pytest.raises(InputError, match="ema_decay"):
         main(Config(setting="transfusion", dump_dir=str(tmp_path / "bad"), ema_decay=1.0))
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_ema_under_fsdp_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """FSDP shards the weights the average would copy: refused at the start, with what to run instead."""
+    from tessera.recipes import mixed_modal_pretrain as R
+    from tessera.train.loop import DistInfo, resolve_strategy
+
+    assert resolve_strategy(DistInfo(0, 2, 0, "cuda:0"), "auto") == "fsdp"
+    assert resolve_strategy(DistInfo(0, 2, 0, "cpu"), "auto") == "ddp"
+    assert resolve_strategy(DistInfo(0, 1, 0, "cuda:0"), "fsdp") == "none"
+    import tessera.train
+
+    monkeypatch.setattr(tessera.train, "init_distributed", lambda device="": DistInfo(0, 2, 0, "cpu"))  # a 2-rank run
+    with pytest.raises(InputError, match="distributed=ddp"):
+        R.main(R.Config(setting="transfusion", dump_dir=str(tmp_path / "x"), ema_decay=0.9, distributed="fsdp"))
+    assert not (tmp_path / "x").exists()

@@ -59,6 +59,7 @@ def test_mixed_modal_pretrain_survives_kill_9(tmp_path):
     run_recipe("mixed-modal-pretrain", None, [*args, f"dump_dir={tmp_path / 'ref'}"])
     killed_then_rerun("mixed-modal-pretrain", args, tmp_path / "run", 8, 38, seed=1)
     assert_same_run(tmp_path / "ref", tmp_path / "run", "checkpoint/model.safetensors")
+    assert_same_run(tmp_path / "ref", tmp_path / "run", "checkpoint/averaged.safetensors")  # the weight EMA too
 
 
 def test_lmfusion_train_survives_kill_9(tiny_lm_dir, tmp_path):

@@ -277,6 +277,13 @@ def main(cfg: Config) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
+    if cfg.ema_decay:
+        from tessera.errors import InputError
+        from tessera.train.loop import resolve_strategy
+
+        if resolve_strategy(info, cfg.distributed) == "fsdp":
+            raise InputError("ema_decay averages unsharded weights and this run shards them (FSDP); "
+                             "run with distributed=ddp, or ema_decay=0")
     torch.manual_seed(cfg.seed)
     dump_path = Path(cfg.dump_dir)
 

@@ -184,9 +184,9 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) -> dict:
+def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0, averaged: bool = False) -> dict:
     """Read a checkpoint folder: ``{"model", "optimizer", "state", "extra", "averaged"}`` (tensors on CPU;
-    ``averaged`` is ``None`` where the run kept no weight average).
+    ``averaged``, read only when asked for, is ``None`` where the run kept no weight average).
 
     Anything that is not this format (a pickle, a truncated or foreign file) raises a one-line
     :class:`InputError`; no byte of it is unpickled.  ``restore_rng`` sets torch's RNG states
@@ -237,7 +237,7 @@ def read_checkpoint(path: str | Path, restore_rng: bool = False, rank: int = 0) 
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     return {"model": model, "optimizer": opt, "state": meta.get("loop", {}), "extra": meta.get("extra", {}),
-            "averaged": load("averaged.safetensors")}
+            "averaged": load("averaged.safetensors") if averaged else None}
 
 
 def save_tensors(path: str | Path, tensors: dict) -> Path:

@@ -54,6 +54,16 @@ def init_distributed(device: str = "") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+def resolve_strategy(info: DistInfo, strategy: str = "auto") -> str:
+    """What :func:`wrap_model` does for ``strategy``: ``none`` (one process), ``ddp`` or ``fsdp`` (``auto``: FSDP on
+    CUDA, DDP on CPU); other names are passed through for :func:`wrap_model` to refuse."""
+    if info.world_size == 1 or strategy == "none":
+        return "none"
+    if strategy == "auto":
+        return "fsdp" if info.device.startswith("cuda") else "ddp"
+    return strategy
+
+
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "auto", find_unused_parameters: bool = False,
                blocks: list[nn.Module] | None = None) -> nn.Module:
     """DDP / FSDP wrapping (single process: the model unchanged).
@@ -61,10 +71,9 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "auto", find_un
     ``strategy``: ``auto`` (FSDP on CUDA, DDP on CPU), ``ddp``, ``fsdp``, ``none``.  FSDP2 shards every
     module in ``blocks`` (e.g. the transformer layers) and then the root.
     """
-    if info.world_size == 1 or strategy == "none":
+    strategy = resolve_strategy(info, strategy)
+    if strategy == "none":
         return model
-    if strategy == "auto":
-        strategy = "fsdp" if info.device.startswith("cuda") else "ddp"
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -185,7 +194,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     from tessera.train.checkpoint import read_checkpoint
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    ck = read_checkpoint(path, restore_rng=restore_rng, rank=rank)
+    ck = read_checkpoint(path, restore_rng=restore_rng, rank=rank, averaged=averaged is not None)
     set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
     if optimizer is not None and ck.get("optimizer") is not None:
         # a parameter that never had a gradient (an expert no token reached yet) has no optimizer
