@@ -15,7 +15,7 @@ plateaus within the budget: d48 with 2 layers, 8,000 steps at peak lr 1e-3, half
 first, no text-only sequences (WikiText bytes kept the text loss falling 2-4% per fifth), and
 evaluation, sampling and captioning with an EMA of the weights (0.999; the raw weights' image loss moves
 by up to 4% from one evaluation to the next, which read as overfitting).  With a 10% learning-rate floor
-its loss still fell 1-1.2% per fifth at 12,000 steps.  All variants have the same
+its (d32) loss still fell 0.8-1.1% per fifth at 12,000 steps.  All variants have the same
 shapes per token, so dense, MoT and MoMa cost the same FLOPs per token (MoMa adds routers).  Two runs
 train at once, one thread each (``--workers``: 1.48x the throughput of one run on both cores).
 
@@ -43,7 +43,7 @@ Goals (``goals``): ``dense_plateau`` <= 0.01, ``dense_generation_gate`` >= 0.6,
 ``moma_best_flops_saving`` >= 2, ``mod_inference_flops_saving`` >= 1.3 (at equal quality: MoD's
 validation loss within 1% of dense's), ``mot_wall_per_step_ratio`` <= 1.3.
 
-    python benchmarks/mixed_modal.py            # the default run (33 minutes on 2 cores: over the 30-minute budget)
+    python benchmarks/mixed_modal.py            # the default run (25 minutes on 2 cores)
     python benchmarks/mixed_modal.py --quick    # the same code, small and short (about 2 minutes)
 """
 
@@ -484,8 +484,8 @@ def main() -> None:
                     help="Chameleon image tokens: 16 codes of 2x2 patches (k-means codebook) or the 64 pixel values")
     ap.add_argument("--digit-codes", type=int, default=256, help="Chameleon patches: entries of the k-means codebook")
     ap.add_argument("--min-lr-ratio", type=float, default=0.0,
-                    help="final learning rate over the peak (cosine decay; 0.1 kept the Transfusion loss falling 1-1.2%% per "
-                         "fifth even at 12,000 steps)")
+                    help="final learning rate over the peak (cosine decay; 0.1 kept the d32 Transfusion loss falling "
+                         "0.8-1.1%% per fifth even at 12,000 steps)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="the Chameleon setting's weight EMA for evaluation and sampling (0 = raw weights)")
     ap.add_argument("--d-model-transfusion", type=int, default=48,
