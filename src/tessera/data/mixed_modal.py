@@ -226,14 +226,10 @@ class MixedModalData:
     def augments(self) -> bool:
         return bool(self.augment_shift or self.augment_gain)
 
-    def augmented(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        """Image ``i`` drawn anew: shifted by up to ``augment_shift`` pixels each way (zero fill) and its
-        ink scaled by a gain in ``[1 - augment_gain, 1]``, so that training images do not repeat."""
-        return self.augmented_many(np.array([i]), rng)[0]
-
     def augmented_many(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Images ``idx`` drawn anew as :meth:`augmented` does, in one pass: ``[len(idx), H, W]`` (a shift
-        ``(dy, dx)`` reads ``x[y - dy, x - dx]`` from the zero-padded image, as :func:`shifted`)."""
+        """Images ``idx`` drawn anew, ``[len(idx), H, W]``: each shifted by up to ``augment_shift`` pixels each
+        way (zero fill; a shift ``(dy, dx)`` reads ``x[y - dy, x - dx]``, as :func:`shifted`) and its ink scaled
+        by a gain in ``[1 - augment_gain, 1]``, so that training images do not repeat."""
         imgs = self.images[idx]
         k, s = len(idx), self.augment_shift
         if s:
@@ -289,7 +285,7 @@ class MixedModalData:
         understanding = np.zeros(batch_size, dtype=bool)
         labels = np.full(batch_size, -1, dtype=np.int64)
         pool = index if index is not None else np.arange(len(self.images))
-        pairs = []  # (row, image index, caption first?, template, augmented image or None)
+        pairs = []  # (row, image index, caption first?, template)
         for b in range(batch_size):
             if rng.random() < self.text_fraction:
                 start = int(rng.integers(0, self.text.size - (T - 1)))
@@ -301,7 +297,7 @@ class MixedModalData:
             template = self.templates[rng.integers(0, len(self.templates))]
             if first and self.cond_dropout and rng.random() < self.cond_dropout:
                 template = ""  # caption dropped (classifier-free guidance): BOS BOI image EOI EOS
-            pairs.append((b, i, first, template, None))
+            pairs.append((b, i, first, template))
         images = None  # the pairs' images, augmented or not, [len(pairs), H, W]
         if self.augments and pairs:  # drawn after the layout, so a batch's sequences do not depend on augmentation
             arng = np.random.default_rng(int(rng.integers(2**63)))
@@ -309,7 +305,7 @@ class MixedModalData:
         codes = None
         if self.setting == "chameleon" and images is not None:
             codes = np.asarray(self.encode(images))
-        for k, (b, i, first, template, _) in enumerate(pairs):
+        for k, (b, i, first, template) in enumerate(pairs):
             toks, mod = self.pair_tokens(i, caption_for(self.labels[i], template), first,
                                          codes[k] if codes is not None else None)
             tokens[b, :len(toks)], modality[b, :len(mod)] = toks, mod
